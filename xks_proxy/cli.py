@@ -141,7 +141,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = args.port or 8443
     akid, secret = init_home(home, "demo", "us-east-1", port)
     config = configmod.load(home)
-    _vault(config).create_key("demo", "foo", _usage("ENCRYPT,DECRYPT"))
+    admin = _admin(config)
+    try:
+        admin.create_key("demo", "foo", _usage("ENCRYPT,DECRYPT"))
+    finally:
+        admin.close()
     scheme = "http" if args.http else "https"
     host = args.host or config.server.host
     print(
@@ -202,14 +206,15 @@ def cmd_stores_export(args: argparse.Namespace) -> int:
 # --- keys ----------------------------------------------------------------------------------------
 
 
-def _vault(config: configmod.Config):  # -> keymanager.vault.VaultDB
-    from keymanager.vault import VaultDB
+def _admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
+    """The configured backend's key administration (the vault file, or the HSM token)."""
+    from keymanager import create_key_admin
+    from keymanager.base import KeyAdminError
 
-    if config.backend != "vault":
-        raise CommandError(f"keys commands for backend {config.backend!r} are not available")
-    if not config.vault.path.is_file():
-        raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
-    return VaultDB(config.vault.path, config.master_key)
+    try:
+        return create_key_admin(config)
+    except KeyAdminError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _usage(text: str):
@@ -222,20 +227,20 @@ def _usage(text: str):
 
 
 def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace], int]:
-    """Run a vault action for (store, key id), turning refusals into one-line errors."""
+    """Run a KeyAdmin action for (store, key id), turning refusals into one-line errors."""
 
     def run(args: argparse.Namespace) -> int:
-        from keymanager.vault import VaultError
+        from keymanager.base import KeyAdminError
 
         config = _load(args)
         store = config.store(args.store)
-        db = _vault(config)
+        admin = _admin(config)
         try:
-            info = action(db, store.prefix, args)
-        except VaultError as exc:
+            info = action(admin, store.prefix, args)
+        except KeyAdminError as exc:
             raise CommandError(str(exc)) from None
         finally:
-            db.close()
+            admin.close()
         if info is not None:
             print(json.dumps(_key_json(info), indent=2))
         return 0
@@ -243,22 +248,26 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
     return run
 
 
-def _key_json(info) -> dict[str, object]:
-    return {
+def _key_json(info) -> dict[str, object]:  # info: keymanager.base.KeyInfo
+    shown: dict[str, object] = {
         "keyId": info.key_id,
         "store": info.store,
         "keyStatus": info.state,
         "keyUsage": [u.value for u in info.usage],
-        "keySpec": "AES_256",
-        "versions": info.versions,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at)),
+        "keySpec": info.key_spec,
     }
+    if info.versions is not None:
+        shown["versions"] = info.versions
+    if info.created_at is not None:
+        shown["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at))
+    return shown
 
 
-def _list(db, store: str, args: argparse.Namespace) -> None:
-    for info in db.keys(store):
+def _list(admin, store: str, args: argparse.Namespace) -> None:
+    for info in admin.keys(store):
         usage = ",".join(u.value for u in info.usage) or "-"
-        print(f"{info.key_id}\t{info.state}\t{usage}\tversions={info.versions}")
+        last = f"versions={info.versions}" if info.versions is not None else f"keySpec={info.key_spec}"
+        print(f"{info.key_id}\t{info.state}\t{usage}\t{last}")
 
 
 cmd_keys_create = _key_command(lambda db, store, args: db.create_key(store, _checked_key_id(args.key_id), _usage(args.usage)))
@@ -287,7 +296,13 @@ def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.set_defaults(func=conformance.run)
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [_conformance]
+def _import_config(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import import_config
+
+    import_config.register(sub, common)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [_conformance, _import_config]
 
 
 if __name__ == "__main__":

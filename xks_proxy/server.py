@@ -27,6 +27,7 @@ from xks_proxy.config import KEY_ID_RE, Config, Store
 from xks_proxy.errors import (
     InternalException,
     InvalidUriPathException,
+    KeyNotFoundException,
     MethodNotAllowed,
     UnsupportedOperationException,
     ValidationException,
@@ -155,8 +156,16 @@ class XksServer:
             "ekmFleetDetails": [{"id": d.id, "model": d.model, "healthStatus": d.state.value} for d in details],
         }
 
-    async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    @staticmethod
+    def _allowed(store: Store, key_id: str | None) -> str:
+        """The key id, if this store may address it (its optional key_ids list), for every backend."""
         assert key_id is not None
+        if not store.allows(key_id):
+            raise KeyNotFoundException(f"no key {key_id} in this key store")
+        return key_id
+
+    async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        key_id = self._allowed(store, key_id)
         meta = await self.key_manager.get_metadata(store.prefix, key_id)
         return {
             "keySpec": meta.key_spec,
@@ -165,8 +174,8 @@ class XksServer:
         }
 
     async def _encrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
-        assert key_id is not None
         req = protocol.encrypt_request(doc, self.config.limits)
+        key_id = self._allowed(store, key_id)
         result = await self.key_manager.encrypt(store.prefix, key_id, req.plaintext, req.aad)
         outcome.key_version = result.key_version
         integrity = None
@@ -185,8 +194,8 @@ class XksServer:
         }
 
     async def _decrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
-        assert key_id is not None
         req = protocol.decrypt_request(doc, self.config.limits)
+        key_id = self._allowed(store, key_id)
         plaintext = await self.key_manager.decrypt(
             store.prefix, key_id, req.ciphertext, req.iv, req.tag, req.aad, req.metadata
         )
