@@ -37,5 +37,5 @@ def create_key_admin(config: "Config") -> KeyAdmin:
         from keymanager.pkcs11_token import Pkcs11Admin
 
         assert config.pkcs11 is not None
-        return Pkcs11Admin(config.pkcs11, config.stores)
+        return Pkcs11Admin(config.pkcs11)
     raise KeyAdminError(f"keymanager.backend {config.backend!r} has no key administration")

@@ -462,13 +462,13 @@ def key_template(usage: tuple[KeyUsage, ...]) -> dict[Attribute, Any]:
 class Pkcs11Admin:
     """`xks-proxy keys ...` on an HSM: a key is a token AES key named by its CKA_LABEL.
 
-    Every store sees the token's labels, narrowed by its optional key_ids. Disable, enable and
-    rotate are refused: key state lives in the HSM (see docs/pkcs11.md).
+    The token is not partitioned by store: every store sees every label (the CLI and the server
+    narrow that by the store's key_ids). Disable, enable and rotate are refused: key state lives
+    in the HSM (see docs/pkcs11.md).
     """
 
-    def __init__(self, config: Any, stores: tuple[Any, ...]) -> None:  # (Pkcs11Config, tuple[Store, ...])
+    def __init__(self, config: Any) -> None:  # a Pkcs11Config
         self._config = config
-        self._stores = {store.prefix: store for store in stores}
         try:
             library = Library.get(config.module)
             token = library.token(config.token_label, config.slot)
@@ -482,11 +482,6 @@ class Pkcs11Admin:
             self._session.close()
         except PKCS11Error:
             pass
-
-    def _check_store(self, store: str, key_id: str) -> None:
-        allowed = self._stores.get(store)
-        if allowed is not None and not allowed.allows(key_id):
-            raise KeyAdminError(f"key id {key_id} is not in the key_ids of store {store!r} (config.toml)")
 
     def _lookup(self, key_id: str) -> TokenKey | None:
         try:
@@ -502,7 +497,6 @@ class Pkcs11Admin:
         return KeyInfo(store=store, key_id=key.label, state=state, usage=key.usage, key_spec=key.key_spec)
 
     def create_key(self, store: str, key_id: str, usage: tuple[KeyUsage, ...]) -> KeyInfo:
-        self._check_store(store, key_id)
         return self._info(store, self.generate(key_id, usage))
 
     def generate(self, label: str, usage: tuple[KeyUsage, ...]) -> TokenKey:
@@ -529,15 +523,9 @@ class Pkcs11Admin:
             found = scan(self._session)
         except PKCS11Error as exc:
             raise KeyAdminError(str(lost_or_failed(exc, "listing the token's keys"))) from None
-        allowed = self._stores.get(store)
-        return [
-            self._info(store, key)
-            for label, key in sorted(found.items())
-            if label != self._config.health_key and (allowed is None or allowed.allows(label))
-        ]
+        return [self._info(store, key) for label, key in sorted(found.items()) if label != self._config.health_key]
 
     def key(self, store: str, key_id: str) -> KeyInfo:
-        self._check_store(store, key_id)
         key = self._lookup(key_id)
         if key is None:
             raise KeyAdminError(f"no key labelled {key_id} in the token")

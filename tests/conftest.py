@@ -256,12 +256,12 @@ class Home:
         return cfg.master_key.unseal(row[0], material_context(self.prefix, key_id, version))
 
 
-def pkcs11_home(path: Path, hsm: SoftHsm, prefix: str = "test", key_ids: list[str] | None = None) -> Home:
+def pkcs11_home(path: Path, hsm: SoftHsm, prefix: str = "test", module: str | None = None) -> Home:
     """A pkcs11 home made the way an operator migrating from the AWS sample makes one: import-config."""
     akid, secret = new_access_key_id(), new_secret()
     settings = path.parent / f"{path.name}-aws-settings.toml"
-    store = {"uri_path_prefix": f"/{prefix}", "access_key_id": akid, "secret": secret, "key_ids": key_ids}
-    settings.write_text(aws_settings(hsm.module, hsm.pin, [store]))
+    store = {"uri_path_prefix": f"/{prefix}", "access_key_id": akid, "secret": secret}
+    settings.write_text(aws_settings(module or hsm.module, hsm.pin, [store]))
     assert run_cli_in_process("import-config", str(settings), "--home", str(path)) == 0
     # Generous timeouts: tests make hundreds of concurrent requests on a shared 2-core machine.
     set_pkcs11(path, operation_timeout_seconds=10.0, session_wait_seconds=10.0)

@@ -19,6 +19,7 @@ from typing import Callable
 
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
+from xks_proxy.errors import XksError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CommandError as exc:
         print(f"xks-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except XksError as exc:  # the key manager could not start (e.g. the HSM refused the PIN)
+        print(f"xks-proxy: cannot start: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -234,9 +238,12 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
 
         config = _load(args)
         store = config.store(args.store)
+        key_id = getattr(args, "key_id", None)
+        if key_id is not None and not store.allows(key_id):
+            raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
         admin = _admin(config)
         try:
-            info = action(admin, store.prefix, args)
+            info = action(admin, store, args)
         except KeyAdminError as exc:
             raise CommandError(str(exc)) from None
         finally:
@@ -263,20 +270,24 @@ def _key_json(info) -> dict[str, object]:  # info: keymanager.base.KeyInfo
     return shown
 
 
-def _list(admin, store: str, args: argparse.Namespace) -> None:
-    for info in admin.keys(store):
+def _list(admin, store: configmod.Store, args: argparse.Namespace) -> None:
+    for info in admin.keys(store.prefix):
+        if not store.allows(info.key_id):
+            continue
         usage = ",".join(u.value for u in info.usage) or "-"
         last = f"versions={info.versions}" if info.versions is not None else f"keySpec={info.key_spec}"
         print(f"{info.key_id}\t{info.state}\t{usage}\t{last}")
 
 
-cmd_keys_create = _key_command(lambda db, store, args: db.create_key(store, _checked_key_id(args.key_id), _usage(args.usage)))
+cmd_keys_create = _key_command(
+    lambda admin, store, args: admin.create_key(store.prefix, _checked_key_id(args.key_id), _usage(args.usage))
+)
 cmd_keys_list = _key_command(_list)
 _KEY_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "show": _key_command(lambda db, store, args: db.key(store, args.key_id)),
-    "disable": _key_command(lambda db, store, args: db.set_state(store, args.key_id, "DISABLED")),
-    "enable": _key_command(lambda db, store, args: db.set_state(store, args.key_id, "ENABLED")),
-    "rotate": _key_command(lambda db, store, args: db.rotate(store, args.key_id)),
+    "show": _key_command(lambda admin, store, args: admin.key(store.prefix, args.key_id)),
+    "disable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "DISABLED")),
+    "enable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "ENABLED")),
+    "rotate": _key_command(lambda admin, store, args: admin.rotate(store.prefix, args.key_id)),
 }
 
 

@@ -296,7 +296,7 @@ def _verify(imported: Imported) -> tuple[str, list[str]]:
     from keymanager.pkcs11_token import Pkcs11Admin
 
     try:
-        admin = Pkcs11Admin(_pkcs11_config(imported), ())
+        admin = Pkcs11Admin(_pkcs11_config(imported))
     except KeyAdminError as exc:
         raise ConfigError(f"pkcs11: cannot use the HSM ({exc}); fix it or import with --no-verify") from None
     try:
