@@ -265,6 +265,8 @@ class Pkcs11KeyManager(KeyManager):
                 return
             except HsmError as exc:
                 (log.warning if attempt == 1 else log.debug)("the HSM is still unavailable (%s); retrying", exc)
+            except Exception:  # a bug must not end recovery for good
+                log.exception("reconnecting to the HSM failed unexpectedly; retrying")
             seen = self._library.generation
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -290,6 +292,9 @@ class Pkcs11KeyManager(KeyManager):
                 continue
             except HsmError as exc:
                 log.warning("key catalog refresh failed: %s", exc)
+                continue
+            except Exception:
+                log.exception("key catalog refresh failed unexpectedly")
                 continue
             if self._up and generation == self._generation:
                 self._catalog = catalog

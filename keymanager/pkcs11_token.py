@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import _pkcs11 as _native
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
@@ -249,8 +249,11 @@ class Library:
             raise HsmError(f"{path}: C_GetFunctionList failed ({code_name(rv)})")
         self._dll = dll  # keeps the module loaded for the life of the process
         self._functions = functions.contents
-        # python-pkcs11's view of the same module, made without its own C_Initialize(NULL).
+        # python-pkcs11's view of the same module, made without its own C_Initialize(NULL)
+        # (python-pkcs11 >= 0.10 initialises in __init__, which __new__ skips).
         self._native = _native.lib.__new__(_native.lib, path)
+        if getattr(self._native, "initialized", True):
+            raise HsmError("python-pkcs11 >= 0.10 is required (older versions initialise the module without locking)")
         self.initialized = False
         self.generation = 0
         self._logins: dict[int, Any] = {}
@@ -298,14 +301,17 @@ class Library:
         return tokens[0]
 
     def _tokens(self, slot: int | None) -> list[Any]:
+        """Initialised tokens, in slot order (an HSM often shows an empty slot for a new token too)."""
         tokens = []
         for candidate in self._native.get_slots(token_present=True):
             if slot is not None and candidate.slot_id != slot:
                 continue
             try:
-                tokens.append(candidate.get_token())
+                token = candidate.get_token()
             except (p11.TokenNotPresent, p11.TokenNotRecognised):
                 continue
+            if token.flags & TokenFlag.TOKEN_INITIALIZED:
+                tokens.append(token)
         return tokens
 
     def session(self, token: Any, pin: str, rw: bool = False) -> Any:
