@@ -63,6 +63,20 @@ def client_context(settings: Settings, *, verify: bool, check_name: bool = False
     return ctx
 
 
+def verify_context(settings: Settings, version_name: str) -> ssl.SSLContext:
+    """A verifying context pinned to a version the server speaks, so the certificate gets judged
+    even on a server whose versions KMS refuses (that failure is reported separately)."""
+    ctx = client_context(settings, verify=True)
+    version = dict(VERSIONS)[version_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    if version < ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
 def probe_context(settings: Settings, version: ssl.TLSVersion, ciphers: str = "ALL:@SECLEVEL=0") -> ssl.SSLContext:
     """Unverified context pinned to one version; security level 0 so old versions can be seen at all."""
     ctx = client_context(settings, verify=False)

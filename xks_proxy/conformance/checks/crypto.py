@@ -42,7 +42,7 @@ class Findings:
     """What the round trips saw, per Encrypt response aspect."""
 
     responses: int = 0
-    problems: dict[str, list[str]] = field(default_factory=lambda: {a: [] for a in ENCRYPT_ASPECTS})
+    problems: dict[str, Counter[str]] = field(default_factory=lambda: {a: Counter() for a in ENCRYPT_ASPECTS})
     sealed: list[Sealed] = field(default_factory=list)
 
 
@@ -79,7 +79,7 @@ async def _one_round_trip(run: Run, findings: Findings, plaintext: bytes, aad: b
     sealed, problems = encrypt_problems(reply.json(), plaintext, aad, cdiv)
     findings.responses += 1
     for aspect, found in problems.items():
-        findings.problems[aspect].extend(f"{p} ({where})" for p in found)
+        findings.problems[aspect].update(found)
     if sealed is None:
         return f"Encrypt ({where}): response unusable: {'; '.join(sum(problems.values(), []))}", \
             outcomes.crypto(outcomes.INVALID_RESPONSE, "Encrypt")
@@ -108,7 +108,7 @@ def _aspects(run: Run, findings: Findings) -> None:
             run.skip(f"crypto/{aspect}", title, "no successful Encrypt response to inspect", expected)
             continue
         problems = findings.problems[aspect]
-        shown = "; ".join(dict.fromkeys(problems))
+        shown = "; ".join(f"{problem} (in {n} of {findings.responses} responses)" for problem, n in problems.items())
         run.check(f"crypto/{aspect}", title, ok=not problems, expected=expected,
                   actual=shown[:400] if problems else _summary(aspect, findings),
                   kms=Outcome("OK", "KMS accepts the Encrypt response") if not problems else

@@ -50,7 +50,8 @@ async def check(run: Run) -> Channel:
         for name in ("chain", "expiry", "name"):
             run.skip(f"transport/cert-{name}", f"certificate {name}", "no TLS handshake completed")
         return Channel(False, reason="no TLS handshake with the proxy completed")
-    trusted = await _certificate(run, x509.load_der_x509_certificate(handshakes[-1].der))
+    version = next(name for name, h in reversed(versions.items()) if h.ok and h.der)
+    trusted = await _certificate(run, x509.load_der_x509_certificate(handshakes[-1].der), version)
     if not kms_versions:
         return Channel(False, reason="the proxy offers neither TLS 1.2 nor TLS 1.3, so KMS cannot connect")
     if trusted:
@@ -123,18 +124,18 @@ async def _ciphers(run: Run, versions: dict[str, tls.Handshake]) -> None:
               _tls_failure("no cipher suite in common with KMS"))
 
 
-async def _certificate(run: Run, cert: x509.Certificate) -> bool:
+async def _certificate(run: Run, cert: x509.Certificate, version: str) -> bool:
     """Chain, expiry and name as three checks; True when KMS-style verification would succeed."""
-    chain_ok = await _chain(run)
+    chain_ok = await _chain(run, version)
     expiry_ok = _expiry(run, cert)
     name_ok = _name(run, cert)
     return chain_ok and expiry_ok and name_ok
 
 
-async def _chain(run: Run) -> bool:
+async def _chain(run: Run, version: str) -> bool:
     settings = run.settings
     source = f"the CA bundle {settings.ca_bundle}" if settings.ca_bundle else "the system trust store"
-    result = await tls.handshake(settings, tls.client_context(settings, verify=True))
+    result = await tls.handshake(settings, tls.verify_context(settings, version))
     # 9/10: not yet valid / expired. OpenSSL checks validity only after building a trusted chain,
     # so these codes mean the chain itself is fine; the expiry check reports the dates.
     ok = result.ok or result.verify_code in (9, 10)
