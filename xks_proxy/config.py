@@ -1,0 +1,288 @@
+"""Configuration: read once at start from `<home>/config.toml`, validated into typed objects.
+
+A bad value stops the program with one line naming the field (`ConfigError`). Nothing
+downstream re-validates: if a `Config` exists, it is well-formed. Credential secrets are kept
+in the file sealed under the master key (the same protection as key material), and are opened
+here, once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keymanager.crypto import MasterKey
+
+DEFAULT_HOME = Path.home() / ".xks-proxy"
+CONFIG_FILE = "config.toml"
+
+PREFIX_RE = re.compile(r"^[a-zA-Z0-9_-]+(/[a-zA-Z0-9_-]+)*$")
+KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ACCESS_KEY_RE = re.compile(r"^[A-Z2-7]{20,30}$")
+SECRET_RE = re.compile(r"^[a-zA-Z0-9/+=]{43,64}$")
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as `field: what is wrong`."""
+
+
+def home_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--home beats XKS_PROXY_HOME beats ~/.xks-proxy."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("XKS_PROXY_HOME")
+    return Path(env).expanduser().resolve() if env else DEFAULT_HOME
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    access_key_id: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """A logical key store: one URI prefix, its regions and its SigV4 credentials."""
+
+    prefix: str
+    regions: frozenset[str]
+    credentials: tuple[Credential, ...]
+
+    @property
+    def uri_path(self) -> str:
+        return f"/{self.prefix}/kms/xks/v1" if self.prefix else "/kms/xks/v1"
+
+    def secret_for(self, access_key_id: str) -> str | None:
+        for cred in self.credentials:
+            if cred.access_key_id == access_key_id:
+                return cred.secret
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_plaintext_bytes: int = 8192
+    max_aad_bytes: int = 8192
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Base64 of the largest plaintext and AAD, plus room for requestMetadata and the rest."""
+        return 4 * (self.max_plaintext_bytes // 3 + 1) + 4 * (self.max_aad_bytes // 3 + 1) + 16384
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    vendor: str = "xks-proxy"
+    model: str = "xks-proxy-python"
+    fleet_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    path: Path
+    refresh_seconds: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    home: Path
+    server: ServerConfig
+    limits: Limits
+    stores: tuple[Store, ...]
+    backend: str
+    vault: VaultConfig
+    master_key: MasterKey = field(repr=False)
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def store(self, prefix: str | None) -> Store:
+        """The store a CLI command means: the one named, or the only one."""
+        if prefix is None:
+            if len(self.stores) == 1:
+                return self.stores[0]
+            raise ConfigError(f"there are {len(self.stores)} stores; name one with --store")
+        for store in self.stores:
+            if store.prefix == prefix.strip("/"):
+                return store
+        raise ConfigError(f"no store with prefix {prefix!r}")
+
+
+def load(home: Path) -> Config:
+    """Read and validate `<home>/config.toml`. Raises ConfigError naming the bad field."""
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no configuration here; run `xks-proxy init --home {home}` first")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    master_key = _master_key(home, _table(raw, "master_key"))
+    return Config(
+        home=home,
+        server=_server(home, _table(raw, "server")),
+        limits=_limits(_table(raw, "limits")),
+        stores=_stores(raw.get("stores"), master_key),
+        backend=_choice(_table(raw, "keymanager"), "keymanager.backend", "backend", ("vault", "pkcs11"), "vault"),
+        vault=_vault(home, _table(raw, "vault")),
+        master_key=master_key,
+        raw=raw,
+    )
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a table")
+    return value
+
+
+def _get(table: dict[str, Any], where: str, key: str, kind: type, default: Any) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}: is required")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: must be a {kind.__name__}")
+    return value
+
+
+def _choice(table: dict[str, Any], where: str, key: str, options: tuple[str, ...], default: str) -> str:
+    value = _get(table, where, key, str, default)
+    if value not in options:
+        raise ConfigError(f"{where}: must be one of {', '.join(options)}")
+    return value
+
+
+def _file(home: Path, table: dict[str, Any], where: str, key: str, default: str | None) -> Path | None:
+    value = table.get(key, default)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a path")
+    path = (home / value).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: file {path} does not exist")
+    return path
+
+
+def _int_range(table: dict[str, Any], where: str, key: str, default: int, low: int, high: int) -> int:
+    value = _get(table, where, key, int, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: must be between {low} and {high}")
+    return value
+
+
+def _server(home: Path, table: dict[str, Any]) -> ServerConfig:
+    return ServerConfig(
+        host=_get(table, "server.host", "host", str, "127.0.0.1"),
+        port=_int_range(table, "server.port", "port", 8443, 0, 65535),
+        tls_cert=_file(home, table, "server.tls_cert", "tls_cert", None),
+        tls_key=_file(home, table, "server.tls_key", "tls_key", None),
+        vendor=_get(table, "server.vendor", "vendor", str, "xks-proxy"),
+        model=_get(table, "server.model", "model", str, "xks-proxy-python"),
+        fleet_size=_int_range(table, "server.fleet_size", "fleet_size", 1, 1, 10_000),
+    )
+
+
+def _limits(table: dict[str, Any]) -> Limits:
+    return Limits(
+        max_plaintext_bytes=_int_range(table, "limits.max_plaintext_bytes", "max_plaintext_bytes", 8192, 4300, 1 << 20),
+        # The AAD construction carries the AAD's length in 16 bits.
+        max_aad_bytes=_int_range(table, "limits.max_aad_bytes", "max_aad_bytes", 8192, 8192, 65535),
+    )
+
+
+def _vault(home: Path, table: dict[str, Any]) -> VaultConfig:
+    path = _get(table, "vault.path", "path", str, "vault.db")
+    refresh = _get(table, "vault.refresh_seconds", "refresh_seconds", float, 0.5)
+    if not 0.05 <= refresh <= 2.0:
+        raise ConfigError("vault.refresh_seconds: must be between 0.05 and 2 (changes must show within 2 s)")
+    return VaultConfig(path=(home / path).resolve(), refresh_seconds=refresh)
+
+
+def _master_key(home: Path, table: dict[str, Any]) -> MasterKey:
+    env = _get(table, "master_key.env", "env", str, "XKS_PROXY_MASTER_KEY")
+    if env and os.environ.get(env):
+        try:
+            return MasterKey.from_text(os.environ[env])
+        except ValueError as exc:
+            raise ConfigError(f"master_key.env: ${env}: {exc}") from None
+    path = _file(home, table, "master_key.file", "file", "master.key")
+    if path is None:
+        raise ConfigError("master_key.file: no master key file, and the environment variable is not set")
+    try:
+        return MasterKey.from_text(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"master_key.file: {path}: {exc}") from None
+
+
+def validate_prefix(prefix: str, where: str = "prefix") -> str:
+    if prefix and (len(prefix) > 117 or not PREFIX_RE.match(prefix)):
+        raise ConfigError(
+            f"{where}: {prefix!r} must be empty or up to 117 characters of [a-zA-Z0-9_-] in '/'-separated segments"
+        )
+    return prefix
+
+
+def _stores(raw: Any, master_key: MasterKey) -> tuple[Store, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("stores: at least one [[stores]] table is required")
+    stores: list[Store] = []
+    seen_prefixes: set[str] = set()
+    seen_keys: set[str] = set()
+    for i, table in enumerate(raw):
+        where = f"stores[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        prefix = validate_prefix(_get(table, f"{where}.prefix", "prefix", str, None), f"{where}.prefix")
+        if prefix in seen_prefixes:
+            raise ConfigError(f"{where}.prefix: {prefix!r} is used by another store")
+        seen_prefixes.add(prefix)
+        regions = table.get("regions")
+        if not isinstance(regions, list) or not regions or not all(isinstance(r, str) for r in regions):
+            raise ConfigError(f"{where}.regions: must be a non-empty list of region names")
+        for region in regions:
+            if not REGION_RE.match(region):
+                raise ConfigError(f"{where}.regions: {region!r} is not an AWS region name")
+        creds = _credentials(table.get("credentials"), f"{where}.credentials", master_key, seen_keys)
+        stores.append(Store(prefix=prefix, regions=frozenset(regions), credentials=creds))
+    return tuple(stores)
+
+
+def _credentials(raw: Any, where: str, master_key: MasterKey, seen: set[str]) -> tuple[Credential, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: at least one credential is required")
+    creds = []
+    for j, table in enumerate(raw):
+        here = f"{where}[{j}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{here}: must be a table")
+        akid = _get(table, f"{here}.access_key_id", "access_key_id", str, None)
+        if not ACCESS_KEY_RE.match(akid):
+            raise ConfigError(f"{here}.access_key_id: must be 20-30 characters of A-Z and 2-7")
+        if akid in seen:
+            raise ConfigError(f"{here}.access_key_id: {akid} is used by another credential")
+        seen.add(akid)
+        sealed = _get(table, f"{here}.secret_access_key_sealed", "secret_access_key_sealed", str, None)
+        try:
+            secret = master_key.unseal_text(sealed, credential_context(akid))
+        except ValueError as exc:
+            raise ConfigError(f"{here}.secret_access_key_sealed: {exc}") from None
+        if not SECRET_RE.match(secret):
+            raise ConfigError(f"{here}.secret_access_key_sealed: the secret must be 43-64 characters of [a-zA-Z0-9/+=]")
+        creds.append(Credential(access_key_id=akid, secret=secret))
+    return tuple(creds)
+
+
+def credential_context(access_key_id: str) -> str:
+    """What a sealed secret is bound to: it opens only for this access key id."""
+    return f"xks-proxy credential {access_key_id}"

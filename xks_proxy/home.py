@@ -1,0 +1,87 @@
+"""Creating a proxy home: configuration, master key, vault, dev TLS, a first key store.
+
+A home is a directory, every file in it 0600 (the CLI runs under umask 077):
+    config.toml   settings and key stores; credential secrets sealed under the master key
+    master.key    base64 of 32 random bytes (or supply $XKS_PROXY_MASTER_KEY instead)
+    vault.db      the SQLite key vault
+    tls/          a local development CA and a certificate for localhost
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from keymanager.crypto import MasterKey
+from keymanager.vault import VaultDB
+from xks_proxy.config import CONFIG_FILE, ConfigError, credential_context, validate_prefix
+from xks_proxy.devtls import make_dev_certs
+
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_SECRET_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/+"
+
+
+def new_access_key_id() -> str:
+    """20 characters of [A-Z2-7], as KMS expects; 'XKS' first so operators can tell what it is."""
+    return "XKS" + "".join(secrets.choice(_BASE32) for _ in range(17))
+
+
+def new_secret() -> str:
+    """64 characters of [a-zA-Z0-9/+]: 384 bits of entropy, well over the spec's 256."""
+    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(64))
+
+
+def sealed_credential(master_key: MasterKey, access_key_id: str, secret: str) -> dict[str, str]:
+    return {
+        "access_key_id": access_key_id,
+        "secret_access_key_sealed": master_key.seal_text(secret, credential_context(access_key_id)),
+    }
+
+
+def init_home(home: Path, prefix: str, region: str, port: int) -> tuple[str, str]:
+    """Create a fresh home. Returns the first store's (access key id, secret) for the operator."""
+    validate_prefix(prefix, "--uri-prefix")
+    if (home / CONFIG_FILE).exists() or (home / "vault.db").exists() or (home / "master.key").exists():
+        raise ConfigError(f"--home: {home} already holds a proxy home; refusing to overwrite it")
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    master_text = MasterKey.generate_text()
+    master_key = MasterKey.from_text(master_text)
+    (home / "master.key").write_text(master_text)
+    (home / "master.key").chmod(0o600)
+    make_dev_certs(home / "tls")
+    VaultDB.create(home / "vault.db", master_key).close()
+    access_key_id, secret = new_access_key_id(), new_secret()
+    config: dict[str, Any] = {
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "tls_cert": "tls/server.pem",
+            "tls_key": "tls/server.key",
+        },
+        "limits": {"max_plaintext_bytes": 8192, "max_aad_bytes": 8192},
+        "keymanager": {"backend": "vault"},
+        "vault": {"path": "vault.db", "refresh_seconds": 0.5},
+        "master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"},
+        "stores": [
+            {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(master_key, access_key_id, secret)]}
+        ],
+    }
+    write_config(home, config)
+    return access_key_id, secret
+
+
+def write_config(home: Path, config: dict[str, Any]) -> None:
+    """Atomically replace config.toml (write, fsync, rename): a crash leaves old or new, never half."""
+    path = home / CONFIG_FILE
+    tmp = path.with_suffix(".toml.tmp")
+    header = "# xks-proxy configuration. Secrets are sealed under master.key; see README.md.\n"
+    with open(tmp, "w") as handle:
+        handle.write(header + tomli_w.dumps(config))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

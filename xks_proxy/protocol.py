@@ -1,0 +1,163 @@
+"""The XKS request bodies: parsed and validated into typed objects, before any key is touched.
+
+Rules from the protocol notes: requestMetadata is required (also on health) and must not be
+empty; the fields it needs depend on the operation; unknown fields anywhere are ignored;
+base64 is standard and padded; algorithms are exact names. Limits from the configuration turn
+over-large inputs into UnsupportedOperationException. Messages name the field, never its value.
+"""
+
+from __future__ import annotations
+
+import binascii
+from base64 import b64decode
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from xks_proxy.config import Limits
+from xks_proxy.errors import InvalidCiphertextException, UnsupportedOperationException, ValidationException
+
+MAX_METADATA_BYTES = 20
+_OPTIONAL_METADATA = ("kmsKeyArn", "kmsViaService", "awsSourceVpc", "awsSourceVpce")
+_REQUIRED_METADATA = {
+    "health": ("kmsRequestId", "kmsOperation"),
+    "metadata": ("kmsRequestId", "kmsOperation", "awsPrincipalArn"),
+    "encrypt": ("kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn"),
+    "decrypt": ("kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetadata:
+    kms_request_id: str
+    kms_operation: str
+    aws_principal_arn: str | None = None
+    kms_key_arn: str | None = None
+    kms_via_service: str | None = None
+    aws_source_vpc: str | None = None
+    aws_source_vpce: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptRequest:
+    plaintext: bytes
+    aad: bytes | None
+    want_cdiv: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptRequest:
+    ciphertext: bytes
+    iv: bytes
+    tag: bytes
+    aad: bytes | None
+    metadata: bytes | None
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValidationException("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ValidationException("request body must be a JSON object")
+    return doc
+
+
+def request_metadata(doc: dict[str, Any], operation: str) -> RequestMetadata:
+    meta = doc.get("requestMetadata")
+    if meta is None:
+        raise ValidationException("requestMetadata is required")
+    if not isinstance(meta, dict) or not meta:
+        raise ValidationException("requestMetadata must be a non-empty object")
+    for name in _REQUIRED_METADATA[operation]:
+        value = meta.get(name)
+        if not isinstance(value, str) or not value:
+            raise ValidationException(f"requestMetadata.{name} is required and must be a non-empty string")
+    for name in _OPTIONAL_METADATA:
+        if name in meta and meta[name] is not None and not isinstance(meta[name], str):
+            raise ValidationException(f"requestMetadata.{name} must be a string")
+    principal = meta.get("awsPrincipalArn")
+    if isinstance(principal, str) and len(principal) > 2048:
+        raise ValidationException("requestMetadata.awsPrincipalArn is longer than 2048 characters")
+    return RequestMetadata(
+        kms_request_id=meta["kmsRequestId"],
+        kms_operation=meta["kmsOperation"],
+        aws_principal_arn=meta.get("awsPrincipalArn"),
+        kms_key_arn=meta.get("kmsKeyArn"),
+        kms_via_service=meta.get("kmsViaService"),
+        aws_source_vpc=meta.get("awsSourceVpc"),
+        aws_source_vpce=meta.get("awsSourceVpce"),
+    )
+
+
+def _b64(doc: dict[str, Any], name: str, required: bool) -> bytes | None:
+    value = doc.get(name)
+    if value is None:
+        if required:
+            raise ValidationException(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise ValidationException(f"{name} must be a base64 string")
+    try:
+        return b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationException(f"{name} is not valid standard base64") from None
+
+
+def _algorithm(doc: dict[str, Any], name: str, expected: str, required: bool) -> bool:
+    value = doc.get(name)
+    if value is None:
+        if required:
+            raise ValidationException(f"{name} is required")
+        return False
+    if value != expected:
+        raise ValidationException(f"{name} must be {expected}")
+    return True
+
+
+def _aad(doc: dict[str, Any], limits: Limits) -> bytes | None:
+    aad = _b64(doc, "additionalAuthenticatedData", required=False)
+    if aad is not None and len(aad) > limits.max_aad_bytes:
+        raise UnsupportedOperationException(
+            f"additionalAuthenticatedData is {len(aad)} bytes; this proxy accepts up to {limits.max_aad_bytes}"
+        )
+    return aad
+
+
+def encrypt_request(doc: dict[str, Any], limits: Limits) -> EncryptRequest:
+    plaintext = _b64(doc, "plaintext", required=True)
+    assert plaintext is not None
+    if len(plaintext) > limits.max_plaintext_bytes:
+        raise UnsupportedOperationException(
+            f"plaintext is {len(plaintext)} bytes; this proxy accepts up to {limits.max_plaintext_bytes}"
+        )
+    _algorithm(doc, "encryptionAlgorithm", "AES_GCM", required=True)
+    want_cdiv = _algorithm(doc, "ciphertextDataIntegrityValueAlgorithm", "SHA_256", required=False)
+    return EncryptRequest(plaintext=plaintext, aad=_aad(doc, limits), want_cdiv=want_cdiv)
+
+
+def decrypt_request(doc: dict[str, Any], limits: Limits) -> DecryptRequest:
+    _algorithm(doc, "encryptionAlgorithm", "AES_GCM", required=True)
+    ciphertext = _b64(doc, "ciphertext", required=True)
+    iv = _b64(doc, "initializationVector", required=True)
+    tag = _b64(doc, "authenticationTag", required=True)
+    metadata = _b64(doc, "ciphertextMetadata", required=False)
+    assert ciphertext is not None and iv is not None and tag is not None
+    if len(ciphertext) > limits.max_plaintext_bytes:
+        raise UnsupportedOperationException(
+            f"ciphertext is {len(ciphertext)} bytes; this proxy accepts up to {limits.max_plaintext_bytes}"
+        )
+    if len(iv) not in (12, 16):
+        raise InvalidCiphertextException(f"initializationVector is {len(iv)} bytes; it must be 12 or 16")
+    if len(tag) != 16:
+        raise InvalidCiphertextException(f"authenticationTag is {len(tag)} bytes; it must be 16")
+    if metadata is not None and len(metadata) > MAX_METADATA_BYTES:
+        raise InvalidCiphertextException(f"ciphertextMetadata is {len(metadata)} bytes; at most 20 are possible")
+    return DecryptRequest(ciphertext=ciphertext, iv=iv, tag=tag, aad=_aad(doc, limits), metadata=metadata)
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    """One line of JSON, null fields omitted."""
+    return orjson.dumps({k: v for k, v in doc.items() if v is not None})

@@ -1,0 +1,235 @@
+"""The XKS HTTP server: routing, SigV4, validation, the key manager call, and the response.
+
+It knows key managers only through `keymanager.base.KeyManager`, and errors only through
+`xks_proxy.errors`: every failure becomes one single-line JSON body here, in `_respond_error`.
+Order of work per request: route (an unknown prefix or path is answered before any signature
+check), read the body under a cap, verify SigV4 against the store's credentials, check the
+content type, parse and validate, call the key manager, answer, log one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import time
+from base64 import b64encode
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from keymanager.base import KeyManager
+from keymanager.crypto import cdiv
+from xks_proxy import protocol, sigv4
+from xks_proxy.config import KEY_ID_RE, Config, Store
+from xks_proxy.errors import (
+    InternalException,
+    InvalidUriPathException,
+    MethodNotAllowed,
+    UnsupportedOperationException,
+    ValidationException,
+    XksError,
+)
+
+access_log = logging.getLogger("xks_proxy.access")
+log = logging.getLogger("xks_proxy.server")
+
+_API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
+LIVENESS_PATH = "/ping"
+_JSON = "application/json"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the access log line says about one request."""
+
+    operation: str = "-"
+    store: str | None = None
+    key_id: str | None = None
+    meta: protocol.RequestMetadata | None = None
+    key_version: int | None = None
+    error: str | None = None
+
+
+class StoreTable:
+    """The stores, indexed by prefix. Replaced whole when the configuration changes."""
+
+    def __init__(self, stores: tuple[Store, ...]) -> None:
+        self.by_prefix = {store.prefix: store for store in stores}
+
+
+class XksServer:
+    def __init__(self, config: Config, key_manager: KeyManager) -> None:
+        self.config = config
+        self.key_manager = key_manager
+        self.stores = StoreTable(config.stores)
+        self._handlers: dict[str, Callable[[Store, str | None, dict[str, Any], Outcome], Awaitable[dict[str, Any]]]] = {
+            "health": self._health,
+            "metadata": self._metadata,
+            "encrypt": self._encrypt,
+            "decrypt": self._decrypt,
+        }
+
+    def app(self) -> web.Application:
+        # The body cap is ours (UnsupportedOperationException), so aiohttp's own stays above it.
+        app = web.Application(client_max_size=self.config.limits.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.key_manager.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.key_manager.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        path = request.rel_url.raw_path
+        if path == LIVENESS_PATH and request.method in ("GET", "HEAD"):
+            return web.Response(text="OK\n")
+        outcome = Outcome()
+        try:
+            body = await self._dispatch(request, path, outcome)
+            response = web.Response(body=protocol.dumps(body), content_type=_JSON)
+        except Exception as exc:
+            if not isinstance(exc, XksError):
+                log.exception("unexpected failure handling %s", outcome.operation)
+                exc = InternalException("internal error; see the proxy log")
+            outcome.error = exc.name
+            response = self._respond_error(exc)
+        self._log(outcome, response.status, started, request)
+        return response
+
+    async def _dispatch(self, request: web.Request, path: str, outcome: Outcome) -> dict[str, Any]:
+        match = _API_PATH.match(path)
+        store = self.stores.by_prefix.get(match["prefix"] or "") if match else None
+        if match is None or store is None:
+            raise InvalidUriPathException("no XKS API at this path")
+        outcome.store = store.prefix
+        outcome.operation = "health" if match["health"] else match["op"]
+        key_id = match["key"]
+        if key_id is not None:
+            if not KEY_ID_RE.match(key_id):
+                raise InvalidUriPathException("the key id in the path is not 1-128 characters of [A-Za-z0-9._-]")
+            outcome.key_id = key_id
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{request.method} is not supported here; XKS API calls use POST")
+        body = await self._read_body(request)
+        headers = {name.lower(): request.headers.getall(name) for name in request.headers.keys()}
+        sigv4.verify(
+            method=request.method,
+            path=path,
+            query=request.rel_url.query.items(),
+            headers=headers,
+            body=body,
+            lookup_secret=store.secret_for,
+            regions=store.regions,
+        )
+        if request.content_type != _JSON or "Content-Type" not in request.headers:
+            raise ValidationException("Content-Type must be application/json")
+        doc = protocol.parse_body(body)
+        outcome.meta = protocol.request_metadata(doc, outcome.operation)
+        return await self._handlers[outcome.operation](store, key_id, doc, outcome)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        cap = self.config.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > cap:
+            raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit") from None
+
+    async def _health(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        details = await self.key_manager.health()
+        server = self.config.server
+        return {
+            "xksProxyFleetSize": server.fleet_size,
+            "xksProxyVendor": server.vendor,
+            "xksProxyModel": server.model,
+            "ekmVendor": self.key_manager.vendor,
+            "ekmFleetDetails": [{"id": d.id, "model": d.model, "healthStatus": d.state.value} for d in details],
+        }
+
+    async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        assert key_id is not None
+        meta = await self.key_manager.get_metadata(store.prefix, key_id)
+        return {
+            "keySpec": meta.key_spec,
+            "keyUsage": [u.value for u in meta.usage],
+            "keyStatus": "ENABLED" if meta.enabled else "DISABLED",
+        }
+
+    async def _encrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        assert key_id is not None
+        req = protocol.encrypt_request(doc, self.config.limits)
+        result = await self.key_manager.encrypt(store.prefix, key_id, req.plaintext, req.aad)
+        outcome.key_version = result.key_version
+        integrity = None
+        if req.want_cdiv:
+            integrity = cdiv(req.aad, result.metadata, result.iv, result.ciphertext, result.tag)
+            # The spec's order: compute the CDIV, then prove the ciphertext decrypts before answering.
+            await self.key_manager.decrypt(
+                store.prefix, key_id, result.ciphertext, result.iv, result.tag, req.aad, result.metadata
+            )
+        return {
+            "ciphertext": b64encode(result.ciphertext).decode(),
+            "initializationVector": b64encode(result.iv).decode(),
+            "authenticationTag": b64encode(result.tag).decode(),
+            "ciphertextMetadata": b64encode(result.metadata).decode() if result.metadata else None,
+            "ciphertextDataIntegrityValue": b64encode(integrity).decode() if integrity else None,
+        }
+
+    async def _decrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        assert key_id is not None
+        req = protocol.decrypt_request(doc, self.config.limits)
+        plaintext = await self.key_manager.decrypt(
+            store.prefix, key_id, req.ciphertext, req.iv, req.tag, req.aad, req.metadata
+        )
+        return {"plaintext": b64encode(plaintext).decode()}
+
+    @staticmethod
+    def _respond_error(exc: XksError) -> web.Response:
+        headers = {"Allow": "POST"} if isinstance(exc, MethodNotAllowed) else None
+        return web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
+
+    @staticmethod
+    def _log(outcome: Outcome, status: int, started: float, request: web.Request) -> None:
+        """One JSON line per request. requestMetadata identifies; no data, no secrets."""
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        meta = outcome.meta
+        access_log.info(
+            "%s",
+            orjson.dumps(
+                {
+                    "kmsRequestId": meta.kms_request_id if meta else None,
+                    "kmsOperation": meta.kms_operation if meta else None,
+                    "principal": meta.aws_principal_arn if meta else None,
+                    "operation": outcome.operation,
+                    "store": outcome.store,
+                    "keyId": outcome.key_id,
+                    "keyVersion": outcome.key_version,
+                    "outcome": outcome.error or "OK",
+                    "status": status,
+                    "latencyMs": round((time.perf_counter() - started) * 1000, 3),
+                    "remote": request.remote,
+                }
+            ).decode(),
+        )
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """HTTPS as KMS accepts it: TLS 1.2+ and the spec's AEAD suites (TLS 1.3 suites are all acceptable)."""
+    server = config.server
+    if server.tls_cert is None or server.tls_key is None:
+        raise ValueError("server.tls_cert and server.tls_key are needed for HTTPS (or serve with --http)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+    ctx.load_cert_chain(server.tls_cert, server.tls_key)
+    return ctx
