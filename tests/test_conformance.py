@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,65 @@ def test_table_colours_only_when_asked() -> None:
     assert "\033[32mPASS" in render_table(report, colour=True)
     assert "\033[" not in render_table(report, colour=False)
     assert SECRET not in render_table(report) + json.dumps(report.as_dict())
+
+
+# --- our own proxy, as a real `xks-proxy serve` process -------------------------------------------------
+
+
+def _xks_proxy(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "xks_proxy.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, f"xks-proxy {args[0]}: {done.stderr}"
+    return done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[str]) -> None:
+    for _ in range(400):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "serve exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("xks-proxy serve did not start listening")
+
+
+@pytest.mark.parametrize("https", [True, False], ids=["https", "http"])
+def test_our_proxy_passes_conformance(tmp_path: Path, https: bool) -> None:
+    """`xks-proxy init` + `serve`, then `xks-proxy conformance` through the real CLI, with every probe."""
+    home, port = tmp_path / "home", _free_port()
+    _xks_proxy("init", "--home", str(home), "--port", str(port))
+    for key, usage in (("good", "ENCRYPT,DECRYPT"), ("enc", "ENCRYPT"), ("dec", "DECRYPT"), ("none", ""), ("dis", "ENCRYPT,DECRYPT")):
+        _xks_proxy("keys", "create", key, "--usage", usage, "--home", str(home))
+    _xks_proxy("keys", "disable", "dis", "--home", str(home))
+    config = tmp_path / "proxy-config.json"
+    config.write_text(_xks_proxy("stores", "export", "--home", str(home)))
+    secret = json.loads(config.read_text())["XksProxyAuthenticationCredential"]["RawSecretAccessKey"]
+    serve_args = [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(home)] + ([] if https else ["--http"])
+    proc = subprocess.Popen(serve_args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        _wait_listening(port, proc)
+        tls_args = ["--ca-bundle", str(home / "tls" / "ca.pem")] if https else ["--allow-http"]
+        done = subprocess.run(
+            [sys.executable, "-m", "xks_proxy.cli", "conformance", "--endpoint", f"{'https' if https else 'http'}://localhost:{port}",
+             "--config", str(config), "--key-id", "good", "--encrypt-only-key", "enc", "--decrypt-only-key", "dec",
+             "--no-usage-key", "none", "--disabled-key", "dis", "--burst", "20", "--concurrency", "4", "--json", *tls_args],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+    report = json.loads(done.stdout)
+    not_passed = {c["id"]: f"{c['status']}: {c['actual']}" for c in report["checks"] if c["status"] != "PASS"}
+    allowed = {"transport/port"} | (set() if https else {"transport/https", "transport/tls-version", "transport/tls-cipher",
+                                                         "transport/cert-chain", "transport/cert-expiry", "transport/cert-name"})
+    assert set(not_passed) <= allowed, not_passed
+    assert done.returncode == 0 and report["passed"] is True
+    assert {c["id"] for c in report["checks"]} >= EVERY_CHECK - allowed
+    assert secret not in done.stdout + done.stderr

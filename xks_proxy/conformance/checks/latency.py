@@ -34,16 +34,15 @@ async def _burst(run: Run) -> tuple[list[Reply], float]:
     for index in range(settings.burst):
         queue.put_nowait(index)
     replies: list[Reply] = []
-    plaintexts: dict[int, bytes] = {}
 
     async def worker() -> None:
         while not queue.empty():
-            index = queue.get_nowait()
-            plaintexts[index] = os.urandom(32)
-            reply = await api.encrypt(settings.key_id, plaintexts[index], BURST_AAD, cdiv=False, retry=False)
+            queue.get_nowait()
+            plaintext = os.urandom(32)
+            reply = await api.encrypt(settings.key_id, plaintext, BURST_AAD, cdiv=False, retry=False)
             replies.append(reply)
             if reply.status == 200:
-                sealed = encrypt_problems(reply.json(), plaintexts[index], BURST_AAD, False)[0]
+                sealed = encrypt_problems(reply.json(), plaintext, BURST_AAD, False)[0]
                 if sealed is not None:
                     run.ivs.append(sealed.iv)
 
