@@ -67,7 +67,8 @@ class Settings:
     def host_header(self) -> str:
         """What KMS puts in Host (and signs): the name alone on the default port."""
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return host if self.port == default else f"{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
