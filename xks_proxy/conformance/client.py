@@ -26,6 +26,7 @@ from xks_proxy.conformance.settings import Settings
 
 PRINCIPAL = "arn:aws:iam::111122223333:role/xks-conformance-tester"
 ACCOUNT = "111122223333"
+_UNPARSED: Any = object()
 
 
 @dataclass
@@ -39,16 +40,16 @@ class Reply:
     failure: str | None = None
     detail: str = ""
     first_try_ms: float | None = None
-    _parsed: Any = field(default=None, repr=False)
+    _parsed: Any = field(default=_UNPARSED, repr=False)
 
     def json(self) -> Any:
         """The body as JSON, or None when it is not JSON."""
-        if self._parsed is None:
+        if self._parsed is _UNPARSED:
             try:
                 self._parsed = json.loads(self.body)
             except ValueError:
-                self._parsed = ValueError
-        return None if self._parsed is ValueError else self._parsed
+                self._parsed = None
+        return self._parsed
 
 
 @dataclass(frozen=True)
