@@ -172,7 +172,8 @@ def test_serve_process_end_to_end(cli_home: Path, tls: bool) -> None:
     port = int(tomllib.loads((cli_home / "config.toml").read_text())["server"]["port"])
     run("keys", "create", "foo", home=cli_home)
     cred = json.loads(run("stores", "export", home=cli_home).stdout)["XksProxyAuthenticationCredential"]
-    args = [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(cli_home)] + ([] if tls else ["--http"])
+    args = [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(cli_home), "--workers", "2"]
+    args += [] if tls else ["--http"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_listening(port, proc)
@@ -189,6 +190,9 @@ def test_serve_process_end_to_end(cli_home: Path, tls: bool) -> None:
                 break
             time.sleep(0.05)
         assert body["keyStatus"] == "DISABLED"
+        for _ in range(20):  # every worker has seen it, whichever answers
+            status, body = _signed_post(url, path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", context)
+            assert body["keyStatus"] == "DISABLED"
         if tls:
             with pytest.raises(ssl.SSLError):  # KMS refuses anything below TLS 1.2, and so do we
                 old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -217,3 +221,36 @@ def test_master_key_from_environment(tmp_path: Path) -> None:
     wrong = dict(os.environ, XKS_PROXY_MASTER_KEY="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
     result = run("keys", "list", home=home, env=wrong, check=False)
     assert result.returncode == 2 and "does not open" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_supervisor_replaces_a_dead_worker(cli_home: Path) -> None:
+    port = int(tomllib.loads((cli_home / "config.toml").read_text())["server"]["port"])
+    run("keys", "create", "foo", home=cli_home)
+    cred = json.loads(run("stores", "export", home=cli_home).stdout)["XksProxyAuthenticationCredential"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(cli_home), "--workers", "2", "--http"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_listening(port, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], 9)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (len(_children(proc.pid)) < 2 or workers[0] in _children(proc.pid)):
+            time.sleep(0.05)
+        replaced = _children(proc.pid)
+        assert len(replaced) == 2 and workers[0] not in replaced
+        path = "/corp/keys/kms/xks/v1/keys/foo/metadata"
+        for _ in range(10):
+            status, body = _signed_post(f"http://127.0.0.1:{port}", path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", None)
+            assert status == 200, body
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "starting a new one" in stderr
