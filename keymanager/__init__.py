@@ -34,7 +34,7 @@ def create_key_admin(config: "Config") -> KeyAdmin:
             raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
         return VaultDB(config.vault.path, config.master_key)
     if config.backend == "pkcs11":
-        from keymanager.pkcs11_token import Pkcs11Admin
+        from keymanager.pkcs11_admin import Pkcs11Admin
 
         assert config.pkcs11 is not None
         return Pkcs11Admin(config.pkcs11)

@@ -126,8 +126,8 @@ class KeyInfo:
 class KeyAdmin(Protocol):
     """What `xks-proxy keys ...` needs from a backend, and nothing more.
 
-    Synchronous (the CLI has no event loop). `store` is the logical key store's prefix; a backend
-    that does not partition keys by store (PKCS#11) still applies the store's allowed key ids.
+    Synchronous (the CLI has no event loop). `store` is the logical key store's prefix (a backend
+    may not partition keys by store: PKCS#11 does not; the CLI applies a store's key_ids).
     Every refusal is a KeyAdminError.
     """
 

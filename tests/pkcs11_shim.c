@@ -13,6 +13,8 @@
  *                        delay_ms   C_Encrypt/C_Decrypt (not their size queries) sleep that many
  *                                   milliseconds first;
  *                        zero_random C_GenerateRandom returns zeros (a broken RNG);
+ *                        decrypt_rv C_Decrypt completes, then returns the CKR code in the file
+ *                                   (hex), as vendors report a failed tag check;
  *                      and the shim counts C_FindObjectsInit calls into find_count.
  *
  * Plain C with its own minimal PKCS#11 declarations, so it builds with nothing but gcc.
@@ -227,7 +229,17 @@ static CK_RV shim_Decrypt(CK_SESSION_HANDLE s, CK_BYTE *data, CK_ULONG len, CK_B
     CK_RV rv = injected();
     if (rv) return rv;
     if (out) delay();
-    return ((fn_crypt)real->f[F_DECRYPT])(s, data, len, out, out_len);
+    fn_crypt decrypt = (fn_crypt)real->f[F_DECRYPT];
+    char text[64];
+    if (!read_control("decrypt_rv", text, sizeof text)) return decrypt(s, data, len, out, out_len);
+    /* Finish the real operation (so the session is free again, as after any error), then fail. */
+    CK_ULONG n = 0;
+    if (decrypt(s, data, len, NULL, &n) == CKR_OK) {
+        CK_BYTE *scratch = malloc(n + 1);
+        decrypt(s, data, len, scratch, &n);
+        free(scratch);
+    }
+    return strtoul(text, NULL, 16);
 }
 
 static CK_RV shim_GenerateRandom(CK_SESSION_HANDLE s, CK_BYTE *out, CK_ULONG len) {

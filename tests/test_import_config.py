@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest

@@ -112,6 +112,9 @@ class Shim:
     def zero_random(self) -> None:
         (self.control / "zero_random").write_text("1")
 
+    def decrypt_returns(self, code: str) -> None:
+        (self.control / "decrypt_rv").write_text(code)
+
     def find_count(self) -> int:
         path = self.control / "find_count"
         return int(path.read_text()) if path.exists() else 0
@@ -334,6 +337,24 @@ async def test_an_all_zero_iv_is_never_returned(shim_home: Home, shim: Shim, iv_
         status, err = await client.encrypt("foo", b"x")
         assert_error(status, err, 500, "InternalException")
         assert words in err["errorMessage"]
+
+
+@pytest.mark.parametrize(
+    "code", ["40", "41", "5", "6"]  # ENCRYPTED_DATA_INVALID, ENCRYPTED_DATA_LEN_RANGE, GENERAL_ERROR, FUNCTION_FAILED
+)
+async def test_vendor_tag_failures_are_invalid_ciphertext(
+    shim_home: Home, shim: Shim, caplog: pytest.LogCaptureFixture, code: str
+) -> None:
+    """However a vendor reports a failed tag check, it is the caller's ciphertext, not a device failure."""
+    async with serving(shim_home) as client:
+        status, enc = await client.encrypt("foo", b"x")
+        shim.decrypt_returns(code)
+        status, err = await client.decrypt("foo", enc)
+        assert_error(status, err, 400, "InvalidCiphertextException")
+        (shim.control / "decrypt_rv").unlink()
+        status, dec = await client.decrypt("foo", enc)  # same session pool, no reconnect needed
+        assert status == 200 and await health(client) == "ACTIVE"
+    assert "lost the HSM" not in caplog.text
 
 
 # --- faults and recovery ------------------------------------------------------------------------------------

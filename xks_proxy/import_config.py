@@ -293,7 +293,7 @@ def _pkcs11_config(imported: Imported) -> Pkcs11Config:
 def _verify(imported: Imported) -> tuple[str, list[str]]:
     """Log in, pin the token by label, make sure the health key exists, look up the stores' keys."""
     from keymanager.base import KeyAdminError
-    from keymanager.pkcs11_token import Pkcs11Admin
+    from keymanager.pkcs11_admin import Pkcs11Admin
 
     try:
         admin = Pkcs11Admin(_pkcs11_config(imported))
