@@ -500,6 +500,15 @@ async def test_wrong_pin_stops_start_and_is_never_shown(hsm_home: Home, caplog: 
     assert "wrong-pin-0000" not in str(info.value) + caplog.text
 
 
+def test_wrong_pin_stops_a_worker_fleet_instead_of_retrying(hsm_home: Home) -> None:
+    """Pre-forked workers must not be restarted into a wrong PIN again and again (HSMs lock the account)."""
+    (hsm_home.path / "pkcs11.pin").write_text("wrong-pin-0000\n")
+    result = cli(hsm_home, "serve", "--http", "--port", "0", "--workers", "2", check=False)  # returns: no restart loop
+    assert result.returncode != 0
+    assert "CKR_PIN_INCORRECT" in result.stderr and "not retrying" in result.stderr
+    assert result.stderr.count("worker cannot start") <= 2 and "wrong-pin-0000" not in result.stderr
+
+
 # --- stores and configuration -----------------------------------------------------------------------------
 
 

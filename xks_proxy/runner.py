@@ -19,9 +19,13 @@ from aiohttp import web
 
 from keymanager import create_key_manager
 from xks_proxy.config import Config
+from xks_proxy.errors import XksError
 from xks_proxy.server import XksServer, tls_context
 
 log = logging.getLogger("xks_proxy")
+#: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
+#: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
+EXIT_CANNOT_START = 3
 
 
 def serve(
@@ -58,17 +62,24 @@ def _serve_worker(config: Config, sock: socket.socket, ssl_context: ssl.SSLConte
 
 def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, workers: int) -> int:
     children: dict[int, int] = {}  # pid -> slot
-    stopping = False
+    stopping = failed = False
 
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
             try:
                 _serve_worker(config, sock, ssl_context)
+                code = 0
+            except XksError as exc:
+                log.error("worker cannot start: %s", exc.message)
+                code = EXIT_CANNOT_START
+            except BaseException:
+                log.exception("worker failed")
             finally:
-                os._exit(0)
+                os._exit(code)
         children[pid] = slot
 
     def stop(signum: int, _frame: object) -> None:
@@ -90,8 +101,13 @@ def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext 
         except ChildProcessError:
             break
         slot = children.pop(pid, None)
+        if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
+            log.error("a worker cannot start; stopping (not retrying)")
+            stop(signal.SIGTERM, None)
+            failed = True
+            continue
         if slot is not None and not stopping:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
             time.sleep(0.5)  # no hot crash loop
             spawn(slot)
-    return 0
+    return EXIT_CANNOT_START if failed else 0
