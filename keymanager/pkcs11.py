@@ -236,6 +236,10 @@ class Pkcs11KeyManager(KeyManager):
             self._up = False
             self._health = None
             self._idle.clear()
+            while self._waiters:  # requests queued for a session fail now, retryably
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(InternalException("the HSM is unavailable; the proxy is reconnecting"))
         self._schedule_recovery()
 
     def _schedule_recovery(self) -> None:

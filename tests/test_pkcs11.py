@@ -393,6 +393,21 @@ async def test_library_errors_mid_traffic_then_recovery(
     assert "reconnected to the HSM" in caplog.text
 
 
+async def test_requests_waiting_for_a_session_fail_fast_when_the_hsm_is_lost(shim_home: Home, shim: Shim) -> None:
+    set_pkcs11(shim_home.path, session_pool_size=1, session_wait_seconds=30.0, operation_timeout_seconds=30.0)
+    async with serving(shim_home) as client:
+        shim.delay(1500)
+        holder = asyncio.create_task(client.encrypt("foo", b"holds the only session"))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(client.encrypt("foo", b"waits for it"))
+        await asyncio.sleep(0.1)
+        shim.fail()  # the catalog refresh notices within refresh_seconds and takes the pool down
+        status, err = await waiting
+        assert_error(status, err, 500, "InternalException")  # at once and retryable, not a 429 after 30 s
+        status, _ = await holder  # its call was already inside the HSM
+        assert status == 200
+
+
 async def test_token_store_taken_away_then_restored(hsm_home: Home, softhsm: SoftHsm) -> None:
     away = softhsm.tokens.with_name("tokens-away")
     async with serving(hsm_home) as client:
