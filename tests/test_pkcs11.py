@@ -468,9 +468,9 @@ async def test_slow_hsm_is_503_and_degraded(shim_home: Home, shim: Shim) -> None
 
 
 async def test_slow_but_answering_hsm_is_degraded(shim_home: Home, shim: Shim) -> None:
-    set_pkcs11(shim_home.path, operation_timeout_seconds=2.0, health_cache_seconds=0.0)
+    set_pkcs11(shim_home.path, operation_timeout_seconds=2.2, health_cache_seconds=0.0)
     async with serving(shim_home) as client:
-        shim.delay(600)  # each probe call takes > operation_timeout / 2, yet answers
+        shim.delay(600)  # the probe's two calls take ≥ 1.2 s: over operation_timeout / 2, yet answering
         assert await health(client) == "DEGRADED"
         shim.delay(0)
         assert await health(client) == "ACTIVE"  # nothing cached (health_cache_seconds = 0)
@@ -478,7 +478,7 @@ async def test_slow_but_answering_hsm_is_degraded(shim_home: Home, shim: Shim) -
 
 async def test_event_loop_is_never_blocked(shim_home: Home, shim: Shim) -> None:
     async with serving(shim_home) as client:
-        shim.delay(400)
+        shim.delay(1000)
         slow = asyncio.create_task(client.encrypt("foo", b"x"))
         await asyncio.sleep(0.05)
         async with client.session.get(client.base_url + "/ping") as resp:
