@@ -520,7 +520,7 @@ def test_wrong_pin_stops_a_worker_fleet_instead_of_retrying(hsm_home: Home) -> N
     result = cli(hsm_home, "serve", "--http", "--port", "0", "--workers", "2", check=False)  # returns: no restart loop
     assert result.returncode != 0
     assert "CKR_PIN_INCORRECT" in result.stderr and "not retrying" in result.stderr
-    assert result.stderr.count("worker cannot start") <= 2 and "wrong-pin-0000" not in result.stderr
+    assert result.stderr.count("worker cannot start:") <= 2 and "wrong-pin-0000" not in result.stderr
 
 
 # --- stores and configuration -----------------------------------------------------------------------------
