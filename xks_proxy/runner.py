@@ -19,11 +19,16 @@ def serve(config: Config, host: str | None = None, port: int | None = None, plai
     ssl_context: ssl.SSLContext | None = None if plain_http else tls_context(config)
     host = host or config.server.host
     port = config.server.port if port is None else port
-    server = XksServer(config, create_key_manager(config))
+    key_manager = create_key_manager(config)
+    app = XksServer(config, key_manager).app()
+    if config.admin.enabled:
+        from xks_proxy import admin
+
+        admin.attach(app, config, key_manager)
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
     web.run_app(
-        server.app(),
+        app,
         host=host,
         port=port,
         ssl_context=ssl_context,
