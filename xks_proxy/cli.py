@@ -362,7 +362,13 @@ def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.set_defaults(func=conformance.run)
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [_conformance]
+def _vault_backup(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import backup
+
+    backup.register(sub, common)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [_conformance, _vault_backup]
 
 
 if __name__ == "__main__":
