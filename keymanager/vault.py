@@ -733,7 +733,7 @@ class VaultKeyManager(KeyManager):
         if counter is None or counter.used >= counter.granted:
             key, counter = await self._granted(store, key_id)
         counter.used += 1
-        if counter.granted - counter.used == self._refill_at and (store, key_id) not in self._reserving:
+        if counter.granted - counter.used == self._refill_at and not self._reserving.get((store, key_id)):
             self._reserve(store, key_id, may_rotate=False)  # the next block, before this one runs out
         return self._encrypt(key, plaintext, aad)
 
@@ -741,7 +741,9 @@ class VaultKeyManager(KeyManager):
         """Wait (off the event loop) until this process may do one more encryption under the key."""
         while True:
             pending = self._reserving.get((store, key_id))
-            task, may_rotate = pending if pending else (self._reserve(store, key_id, may_rotate=True), True)
+            if pending is None or pending[0].done():  # a finished one was already counted in
+                pending = (self._reserve(store, key_id, may_rotate=True), True)
+            task, may_rotate = pending
             count = await asyncio.shield(task)
             key = self._key(store, key_id)
             self._usable(key, key_id, KeyUsage.ENCRYPT)
@@ -761,7 +763,8 @@ class VaultKeyManager(KeyManager):
         return task
 
     def _reserved(self, store: str, key_id: str, task: asyncio.Task[int]) -> None:
-        self._reserving.pop((store, key_id), None)
+        if self._reserving.get((store, key_id), (None, False))[0] is task:
+            del self._reserving[(store, key_id)]
         if not task.cancelled():
             task.exception()  # logged in _do_reserve; waiters get it, a background refill just drops it
 
