@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import sqlite3
 import struct
 
 import pytest
@@ -115,9 +116,9 @@ async def test_ivs_are_unique(client: Client) -> None:
 def _material(home: Home, key_id: str, version: int = 1) -> bytes:
     """Read a key's raw material the way only a test may: straight from the sealed vault row."""
     cfg = home.config
-    db = home.vault()
+    db = sqlite3.connect(cfg.vault.path)
     try:
-        row = db._conn.execute(
+        row = db.execute(
             "SELECT sealed FROM key_versions WHERE store = ? AND key_id = ? AND version = ?", (home.prefix, key_id, version)
         ).fetchone()
     finally:
