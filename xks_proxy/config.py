@@ -272,8 +272,9 @@ def _admin_jwt(home: Path, table: dict[str, Any]) -> AdminJwtConfig:
 
     audience = _get(table, "admin.jwt.audience", "audience", str, None)
     issuer = _get(table, "admin.jwt.issuer", "issuer", str, None)
-    if not audience or not issuer:
-        raise ConfigError("admin.jwt.audience: audience and issuer must both be non-empty")
+    for where, value in (("admin.jwt.audience", audience), ("admin.jwt.issuer", issuer)):
+        if not value.strip():
+            raise ConfigError(f"{where}: must not be empty (tokens are checked against it)")
     secret_path = _file(home, table, "admin.jwt.hs256_secret_file", "hs256_secret_file", None)
     key_files = table.get("public_key_files", [])
     if not isinstance(key_files, list) or not all(isinstance(f, str) for f in key_files):
