@@ -219,14 +219,23 @@ class VaultDB:
     """The vault's lifecycle operations, over its storage. Used by the CLI, admin API and key manager.
 
     `clock` exists so tests can act at another time in-process; nothing outside code can set it.
+    `storage` defaults to the SQLite file at `path`; another implementation of the same methods
+    (see `keymanager.vault_storage`) can be passed instead.
     """
 
-    def __init__(self, path: Path, master_key: MasterKey, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        master_key: MasterKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        storage: SqliteStorage | None = None,
+    ) -> None:
         self.path = path
         self._master = master_key
         self._clock = clock
         try:
-            self._storage = SqliteStorage(path)
+            self._storage = storage if storage is not None else SqliteStorage(path)
             before, after = self._storage.migrate(clock())
         except (sqlite3.DatabaseError, SchemaError) as exc:
             raise VaultError(f"{path} is not a usable vault: {exc}") from None
@@ -356,7 +365,8 @@ class VaultDB:
 
     def schedule_deletion(self, store: str, key_id: str, pending_days: int) -> KeyInfo:
         """PENDING_DELETION for `pending_days` (7-30), then destroyed. Crypto is refused meanwhile."""
-        if isinstance(pending_days, bool) or not isinstance(pending_days, int) or not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
+        whole = isinstance(pending_days, int) and not isinstance(pending_days, bool)
+        if not whole or not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
             raise BadRequest(f"pending days must be a whole number from {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS}")
         with self._storage.write() as tx:
             row = self._row(tx, store, key_id)
@@ -389,7 +399,9 @@ class VaultDB:
         self._storage.forget_deleted()
         destroyed = [_info(row) for row in due]
         for info in destroyed:
-            log.warning("destroyed key %s in store %r: its deletion date %s passed", info.key_id, info.store, iso_time(info.deletion_date))
+            log.warning(
+                "destroyed key %s in store %r: its deletion date %s passed", info.key_id, info.store, iso_time(info.deletion_date)
+            )
             audit(
                 {
                     "event": "key-lifecycle",
@@ -420,9 +432,9 @@ class VaultDB:
         with self._storage.write(bump=False) as tx:
             self._check_importable(_info(self._row(tx, store, key_id)))
             tx.delete_expired_import_params(now)
-            tx.insert_import_params(
-                ImportParamsRow(params_id, store, key_id, algorithm, key_spec, wrapping.seal(self._master, _wrapping_context(store, key_id, params_id)), wrapping.fingerprint, now, expires)
-            )
+            sealed = wrapping.seal(self._master, _wrapping_context(store, key_id, params_id))
+            row = ImportParamsRow(params_id, store, key_id, algorithm, key_spec, sealed, wrapping.fingerprint, now, expires)
+            tx.insert_import_params(row)
         token = signer.sign(
             {
                 "iss": TOKEN_ISSUER,
@@ -474,7 +486,8 @@ class VaultDB:
             raise VaultError(str(exc)) from None
         if claims["sub"] != key_id or claims.get("store") != store:
             raise VaultError(
-                f"the import token is for key {claims['sub']} in store {claims.get('store')!r}, not key {key_id} in store {store!r}"
+                f"the import token is for key {claims['sub']} in store {claims.get('store')!r}, "
+                f"not key {key_id} in store {store!r}"
             )
         now = self._clock()
         with self._storage.read() as tx:
@@ -485,7 +498,8 @@ class VaultDB:
         if wrapping.fingerprint != params.public_fingerprint or claims.get("wrappingKeySha256") != params.public_fingerprint:
             raise VaultError("the import token does not match its wrapping key")
         try:
-            sealed, material = wrapping.unwrap_and_seal(params.algorithm, encrypted, self._master, material_context(store, key_id, 1))
+            context = material_context(store, key_id, 1)
+            sealed, material = wrapping.unwrap_and_seal(params.algorithm, encrypted, self._master, context)
         except UnwrapError as exc:
             raise VaultError(str(exc)) from None
         with self._storage.write() as tx:
@@ -528,13 +542,18 @@ class VaultDB:
                 count = min(block, room)
                 tx.add_reserved(store, key_id, version, count)
                 if row.origin == ORIGIN_EXTERNAL and reserved < rotate_after <= reserved + count:
-                    log.warning("key %s (imported material) passed %d encryptions; at %d it refuses to encrypt", key_id, rotate_after, MAX_ENCRYPTIONS)
+                    log.warning(
+                        "key %s (imported material) passed %d encryptions; at %d it refuses to encrypt",
+                        key_id,
+                        rotate_after,
+                        MAX_ENCRYPTIONS,
+                    )
                 return Grant(version, count)
             if row.origin != ORIGIN_VAULT or row.state != ENABLED or not may_rotate:
                 return Grant(version, 0)
             count = min(block, rotate_after)
             self._add_version(tx, store, key_id, version + 1, reserved=count)
-        log.info("key %s in store %r reached %d encryptions on v%d; rotated to v%d", key_id, store, rotate_after, version, version + 1)
+        log.info("key %s in store %r reached %d encryptions on v%d; rotated", key_id, store, rotate_after, version)
         audit(
             {
                 "event": "key-lifecycle",
@@ -567,13 +586,13 @@ class VaultDB:
                 )
                 for row in tx.keys()
             }
-            for version in tx.versions():
+            for v in tx.versions():
                 try:
-                    material = self._master.data_key(version.sealed, material_context(version.store, version.key_id, version.version))
+                    material = self._master.data_key(v.sealed, material_context(v.store, v.key_id, v.version))
                 except ValueError:
-                    log.error("key %s/%s v%d does not open under the master key; it is unusable", version.store, version.key_id, version.version)
+                    log.error("key %s/%s v%d does not open under the master key; it is unusable", v.store, v.key_id, v.version)
                     continue
-                keys[(version.store, version.key_id)].versions[version.version] = material
+                keys[(v.store, v.key_id)].versions[v.version] = material
         return generation, keys
 
 
@@ -823,7 +842,8 @@ class VaultKeyManager(KeyManager):
             key = self._keys[(INTERNAL_STORE, HEALTH_KEY)]
             probe = b"xks-proxy health probe"
             sealed = self._encrypt(key, probe, b"health")
-            if key.versions[sealed.key_version].decrypt(sealed.iv, sealed.ciphertext, sealed.tag, b"health", sealed.metadata) != probe:
+            material = key.versions[sealed.key_version]
+            if material.decrypt(sealed.iv, sealed.ciphertext, sealed.tag, b"health", sealed.metadata) != probe:
                 raise InternalException("health probe round trip returned other bytes")
         except (XksError, KeyError):
             log.exception("vault health probe failed")

@@ -40,7 +40,8 @@ class VaultLifecycle:
         self.via = via
 
     def _audited(self, action: str, key_id: str | None, run: Callable[[], Any], **detail: Any) -> Any:
-        event = {"event": "key-lifecycle", "action": action, "actor": self.actor, "via": self.via, "store": self.store, "keyId": key_id, **detail}
+        event = {"event": "key-lifecycle", "action": action, "actor": self.actor, "via": self.via}
+        event.update(store=self.store, keyId=key_id, **detail)
         try:
             result = run()
         except VaultError as exc:
