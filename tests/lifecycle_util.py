@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from keymanager import create_key_manager
 from tests.conftest import Client, Home
+from xks_proxy import config as configmod
 from xks_proxy.home import write_config
 from xks_proxy.server import XksServer
 
@@ -83,8 +84,6 @@ class Live:
 @asynccontextmanager
 async def serving(home: Home, path: Path | None = None) -> AsyncIterator[Live]:
     """The real app (and admin listener, if configured) over `path` (default: the fixture home)."""
-    from tests.conftest import configmod
-
     cfg = configmod.load(path or home.path)
     key_manager = create_key_manager(cfg)
     app = XksServer(cfg, key_manager).app()

@@ -207,17 +207,27 @@ def test_import_refusals(home: Home, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def test_aes_key_wrap_layout(home: Home, tmp_path: Path) -> None:
+def test_aes_key_wrap_layout(home: Home) -> None:
     """RSA_AES_KEY_WRAP_SHA_256 built in Python too (OAEP-SHA-256 of an AES key || RFC 5649 wrap)."""
-    cli_json("keys", "create", "ext", "--no-material", home=home.path)
-    out = tmp_path / "p"
-    get_params(home, "ext", out, "RSA_AES_KEY_WRAP_SHA_256")
-    public = serialization.load_der_public_key((out / "WrappingPublicKey.der").read_bytes())
-    assert isinstance(public, rsa.RSAPublicKey)
-    kek, material = os.urandom(32), os.urandom(32)
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-    (out / "EncryptedKeyMaterial.bin").write_bytes(public.encrypt(kek, oaep) + aes_key_wrap_with_padding(kek, material))
-    (out / "Truncated.bin").write_bytes(public.encrypt(kek, oaep))
-    _refused(import_material(home, "ext", out, "Truncated.bin"), "followed by the AES-wrapped key material")
-    done = import_material(home, "ext", out)
-    assert done.returncode == 0, done.stderr
+    cfg = home.config
+    db = VaultDB(cfg.vault.path, cfg.master_key)
+    keys = VaultLifecycle(db, home.prefix, "test", "test")
+    try:
+        keys.create("ext", "ENCRYPT,DECRYPT", no_material=True)
+        params = keys.import_params("ext", "RSA_AES_KEY_WRAP_SHA_256", "RSA_2048")
+        public = serialization.load_der_public_key(base64.b64decode(params["publicKey"]))
+        assert isinstance(public, rsa.RSAPublicKey)
+        kek, material = os.urandom(32), os.urandom(32)
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        token = params["importToken"]
+        with pytest.raises(VaultError, match="followed by the AES-wrapped key material"):
+            keys.import_material("ext", token, public.encrypt(kek, oaep))
+        with pytest.raises(VaultError, match="does not open"):
+            keys.import_material("ext", token, public.encrypt(os.urandom(32), oaep) + aes_key_wrap_with_padding(kek, material))
+        done = keys.import_material("ext", token, public.encrypt(kek, oaep) + aes_key_wrap_with_padding(kek, material))
+        assert done["keyStatus"] == "ENABLED"
+        _, loaded = db.load()
+        probe = loaded[(home.prefix, "ext")].versions[1].encrypt(b"probe", None, b"")
+        assert AESGCM(material).decrypt(probe[0], probe[1] + probe[2], _aad(None, b"")) == b"probe"
+    finally:
+        db.close()
