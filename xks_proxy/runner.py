@@ -55,9 +55,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_worker(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
-    server = XksServer(config, create_key_manager(config))
-    web.run_app(server.app(), sock=sock, ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10)
+def _serve_worker(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, admin: bool = True) -> None:
+    """One serving process. `admin`: also run the admin listener (one worker has it: its port is single)."""
+    key_manager = create_key_manager(config)
+    app = XksServer(config, key_manager).app()
+    if admin and config.admin.enabled:
+        from xks_proxy import admin as admin_api
+
+        admin_api.attach(app, config, key_manager)
+    web.run_app(app, sock=sock, ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10)
 
 
 def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, workers: int) -> int:
@@ -71,7 +77,7 @@ def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext 
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                _serve_worker(config, sock, ssl_context)
+                _serve_worker(config, sock, ssl_context, admin=slot == 0)
                 code = 0
             except XksError as exc:
                 log.error("worker cannot start: %s", exc.message)
