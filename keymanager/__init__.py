@@ -22,6 +22,7 @@ def create_key_manager(config: "Config") -> KeyManager:
             vault.refresh_seconds,
             rotate_after=vault.rotate_after_encryptions,
             count_block=vault.count_block,
+            dsn=vault.dsn,
         )
     if config.backend == "pkcs11":
         from keymanager.pkcs11 import Pkcs11KeyManager
@@ -32,14 +33,15 @@ def create_key_manager(config: "Config") -> KeyManager:
 
 
 def create_key_admin(config: "Config") -> KeyAdmin:
-    """The same backend, as the CLI administers it. Raises KeyAdminError if it cannot be reached."""
+    """The same backend, as the CLI administers it. Raises KeyAdminError if it cannot be reached
+    (StorageUnavailable for a vault database that does not answer)."""
     if config.backend == "vault":
         from keymanager.vault import VaultDB
         from xks_proxy.config import ConfigError
 
-        if not config.vault.path.is_file():
+        if config.vault.dsn is None and not config.vault.path.is_file():
             raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
-        return VaultDB(config.vault.path, config.master_key)
+        return VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
     if config.backend == "pkcs11":
         from keymanager.pkcs11_admin import Pkcs11Admin
 

@@ -1,8 +1,10 @@
 """The local AES key vault: the default key manager, and the rules of a key's life.
 
-Storage is `keymanager.vault_storage` (one SQLite file, one transaction per change), holding
-key material only sealed under the master key, each blob bound to its (store, key id, version).
-A crash at any instant leaves every committed change readable and nothing half-written.
+Storage is `keymanager.vault_storage` (one SQLite file, one transaction per change) or, for a
+fleet of proxies sharing their keys, `keymanager.vault_postgres` (one PostgreSQL database, the
+same tables and rules). Either holds key material only sealed under the master key, each blob
+bound to its (store, key id, version). A crash at any instant leaves every committed change
+readable and nothing half-written.
 
 `VaultDB` is the one place lifecycle rules live (the CLI and the admin API both call it):
     create ─▶ ENABLED ◀─▶ DISABLED          create --no-material ─▶ PENDING_IMPORT ─import─▶ ENABLED
@@ -45,7 +47,15 @@ from keymanager.crypto import (
     UnwrapError,
     WrappingKey,
 )
-from keymanager.vault_storage import ImportParamsRow, KeyRow, SchemaError, SqliteStorage, SqliteTx
+from keymanager.vault_storage import (
+    ImportParamsRow,
+    KeyRow,
+    SchemaError,
+    SqliteStorage,
+    StorageTx,
+    StorageUnavailable,
+    VaultStorage,
+)
 from xks_proxy.errors import (
     DependencyTimeoutException,
     InternalException,
@@ -209,7 +219,8 @@ class VaultDB:
 
     `clock` exists so tests can act at another time in-process; nothing outside code can set it.
     `storage` defaults to the SQLite file at `path`; another implementation of the same methods
-    (see `keymanager.vault_storage`) can be passed instead.
+    (`keymanager.vault_storage.VaultStorage`, e.g. PostgreSQL) can be passed instead. Raises
+    StorageUnavailable when a networked storage cannot be reached.
     """
 
     def __init__(
@@ -218,24 +229,46 @@ class VaultDB:
         master_key: MasterKey,
         *,
         clock: Callable[[], float] = time.time,
-        storage: SqliteStorage | None = None,
+        storage: VaultStorage | None = None,
     ) -> None:
         self.path = path
         self._master = master_key
         self._clock = clock
+        name = storage.display if storage is not None else str(path)
         try:
-            self._storage = storage if storage is not None else SqliteStorage(path)
+            self._storage: VaultStorage = storage if storage is not None else SqliteStorage(path)
             before, after = self._storage.migrate(clock())
         except (sqlite3.DatabaseError, SchemaError) as exc:
-            raise VaultError(f"{path} is not a usable vault: {exc}") from None
+            if storage is not None:
+                storage.close()
+            raise VaultError(f"{name} is not a usable vault: {exc}") from None
         if before and before != after:
-            log.warning("vault %s upgraded in place from schema %d to %d", path, before, after)
+            log.warning("vault %s upgraded in place from schema %d to %d", name, before, after)
         self._ensure_health_key()
 
     @classmethod
     def create(cls, path: Path, master_key: MasterKey) -> "VaultDB":
         """A new vault with its schema and internal health key."""
         return cls(path, master_key)
+
+    @classmethod
+    def open(cls, path: Path, master_key: MasterKey, dsn: str | None = None) -> "VaultDB":
+        """The vault a configuration names: the SQLite file at `path`, or the PostgreSQL database at `dsn`."""
+        if dsn is None:
+            return cls(path, master_key)
+        from keymanager.vault_postgres import PostgresStorage
+
+        return cls(path, master_key, storage=PostgresStorage(dsn))
+
+    @property
+    def storage(self) -> VaultStorage:
+        """The storage underneath (the fleet reads its heartbeat and settings tables through it)."""
+        return self._storage
+
+    @property
+    def display(self) -> str:
+        """How logs name this vault: its file, or its database without the password."""
+        return self._storage.display
 
     def close(self) -> None:
         self._storage.close()
@@ -279,7 +312,7 @@ class VaultDB:
             ]
 
     @staticmethod
-    def _row(tx: SqliteTx, store: str, key_id: str) -> KeyRow:
+    def _row(tx: StorageTx, store: str, key_id: str) -> KeyRow:
         row = tx.key(store, key_id)
         if row is None or store == INTERNAL_STORE:
             raise NoSuchKey(f"no key {key_id} in store {store!r}")
@@ -287,7 +320,7 @@ class VaultDB:
 
     # --- creating, enabling, disabling, rotating
 
-    def _insert_key(self, tx: SqliteTx, store: str, key_id: str, usage: tuple[KeyUsage, ...], material: bool) -> None:
+    def _insert_key(self, tx: StorageTx, store: str, key_id: str, usage: tuple[KeyUsage, ...], material: bool) -> None:
         now = self._clock()
         if material:
             tx.insert_key(store, key_id, ENABLED, _usage_text(usage), ORIGIN_VAULT, now)
@@ -345,7 +378,7 @@ class VaultDB:
             self._add_version(tx, store, key_id, row.current_version + 1, reserved=0)
         return self.key(store, key_id)
 
-    def _add_version(self, tx: SqliteTx, store: str, key_id: str, version: int, reserved: int) -> None:
+    def _add_version(self, tx: StorageTx, store: str, key_id: str, version: int, reserved: int) -> None:
         sealed, _ = self._master.seal_new_key(material_context(store, key_id, version))
         tx.insert_version(store, key_id, version, sealed, self._clock(), reserved=reserved)
         tx.bump = True
@@ -509,6 +542,35 @@ class VaultDB:
                 stored = False
         return self.key(store, key_id), stored
 
+    # --- moving a vault
+
+    def copy_keys_from(self, other: "VaultDB") -> int:
+        """Copy every key of `other` (versions, counts, import parameters) into this vault, which has none.
+
+        One transaction: all or nothing. Sealed blobs are copied as they are (they are bound to
+        store, key id and version, not to a storage), so both vaults must share the master key:
+        that is checked first, on `other`'s own health key. Returns the number of keys copied.
+        """
+        _, theirs = other.load()
+        health = theirs.get((INTERNAL_STORE, HEALTH_KEY))
+        if health is None or not health.versions:
+            raise VaultError(f"the master key does not open the vault {other.display}")
+        unreadable = [f"{s}/{k}" for (s, k), key in theirs.items() if key.current is not None and key.current not in key.versions]
+        if unreadable:
+            raise VaultError(f"key material of {', '.join(unreadable[:5])} in {other.display} does not open under this master key")
+        with other._storage.read() as tx:
+            dump = tx.dump()
+        with self._storage.write() as tx:
+            if any(row.store != INTERNAL_STORE for row in tx.keys()):
+                raise VaultError(f"the vault {self.display} already holds keys; keys are copied only into an empty one")
+            for table, rows in dump.items():
+                if table == "vault_secrets":
+                    rows = [row for row in rows if tx.secret(row[0]) is None]
+                else:
+                    rows = [row for row in rows if row[1 if table == "import_params" else 0] != INTERNAL_STORE]
+                tx.insert_rows(table, rows)
+        return sum(1 for (store, _) in theirs if store != INTERNAL_STORE)
+
     # --- usage counting, for the key manager
 
     def reserve(self, store: str, key_id: str, block: int, rotate_after: int, may_rotate: bool = True) -> Grant:
@@ -619,9 +681,18 @@ class LoadedKey:
 
 
 class VaultKeyManager(KeyManager):
-    """Serves keys from memory, reloading when the vault's generation counter moves."""
+    """Serves keys from memory, reloading when the vault's generation counter moves.
+
+    With `dsn` the vault is a PostgreSQL database shared by a fleet. Then losing the database
+    costs no Encrypt/Decrypt of a loaded key: they run from memory, health turns DEGRADED, and
+    encryption counts are spent only from blocks already reserved. When this process's block
+    runs out while the database is down, Encrypt answers DependencyTimeoutException (retryable)
+    rather than encrypt uncounted. Everything resumes by itself when the database answers again.
+    """
 
     vendor = "xks-proxy local vault"
+    #: Seconds between attempts to reach the vault database at start.
+    start_retry_seconds = 2.0
 
     def __init__(
         self,
@@ -630,8 +701,10 @@ class VaultKeyManager(KeyManager):
         refresh_seconds: float = 0.5,
         rotate_after: int = DEFAULT_ROTATE_AFTER,
         count_block: int = DEFAULT_COUNT_BLOCK,
+        dsn: str | None = None,
     ) -> None:
         self._path = path
+        self._dsn = dsn
         self._master = master_key
         self._refresh_seconds = refresh_seconds
         self._rotate_after = rotate_after
@@ -647,17 +720,37 @@ class VaultKeyManager(KeyManager):
         self._last_refresh_ok = True
 
     async def start(self) -> None:
-        if not self._path.is_file():
+        if self._dsn is None and not self._path.is_file():
             raise InternalException(f"vault file {self._path} does not exist")
-        try:
-            self._db = VaultDB(self._path, self._master)
-        except VaultError as exc:
-            raise InternalException(str(exc)) from None
-        self._db.sweep(actor="xks-proxy server")
-        self._install(*self._db.load())
+        loaded = await self._open_and_load()
+        self._install(*loaded)
         if (INTERNAL_STORE, HEALTH_KEY) not in self._keys or not self._keys[(INTERNAL_STORE, HEALTH_KEY)].versions:
             raise InternalException("the master key does not open this vault (health key unreadable)")
         self._task = asyncio.create_task(self._watch())
+
+    async def _open_and_load(self) -> tuple[int, dict[tuple[str, str], LoadedKey]]:
+        """Open the vault and load every key; a database that cannot be reached is retried, said once."""
+        waiting = False
+        while True:
+            try:
+                loaded = await asyncio.to_thread(self._open_sync)
+            except StorageUnavailable as exc:
+                if not waiting:
+                    log.error("cannot load keys: %s; retrying every %g s until it answers", exc, self.start_retry_seconds)
+                    waiting = True
+                await asyncio.sleep(self.start_retry_seconds)
+                continue
+            except VaultError as exc:
+                raise InternalException(str(exc)) from None
+            if waiting:
+                log.warning("vault database reachable again; keys loaded")
+            return loaded
+
+    def _open_sync(self) -> tuple[int, dict[tuple[str, str], LoadedKey]]:
+        if self._db is None:
+            self._db = VaultDB.open(self._path, self._master, self._dsn)
+        self._db.sweep(actor="xks-proxy server")
+        return self._db.load()
 
     async def close(self) -> None:
         if self._task:
@@ -698,11 +791,28 @@ class VaultKeyManager(KeyManager):
             await asyncio.sleep(self._refresh_seconds)
             try:
                 await self._refresh()
-                self._last_refresh_ok = True
-            except Exception:  # keep serving what we hold; health reports the trouble
+            except StorageUnavailable as exc:  # keep serving what we hold; health reports the trouble
+                if self._last_refresh_ok:
+                    log.error("%s; serving the keys already loaded (lifecycle changes wait for it)", exc)
+                self._last_refresh_ok = False
+            except Exception:
                 if self._last_refresh_ok:
                     log.exception("vault refresh failed; serving the keys already loaded")
                 self._last_refresh_ok = False
+            else:
+                if not self._last_refresh_ok:
+                    log.warning("vault %s answers again; changes are taken up", self._db.display if self._db else "")
+                    self._last_refresh_ok = True
+                    self._top_up()
+
+    def _top_up(self) -> None:
+        """Reserve the next block wherever a background refill failed while the vault was unreachable."""
+        for (store, key_id), key in self._keys.items():
+            counter = key.counter
+            if counter is None or (store, key_id) in self._reserving or key.state != ENABLED:
+                continue
+            if counter.used and counter.granted - counter.used <= self._refill_at:
+                self._reserve(store, key_id, may_rotate=False)
 
     async def _refresh(self, force: bool = False) -> None:
         loaded = await asyncio.to_thread(self._load_if_changed, force)
@@ -782,6 +892,11 @@ class VaultKeyManager(KeyManager):
         block, limit = self._block, self._rotate_after
         try:
             grant = await asyncio.to_thread(self._db.reserve, store, key_id, block, limit, may_rotate)
+        except StorageUnavailable as exc:
+            log.error("could not reserve encryption counts for %s/%s: %s", store, key_id, exc)
+            raise DependencyTimeoutException(
+                "the vault database is unreachable and this proxy's reserved encryptions are used up; retry"
+            ) from None
         except sqlite3.OperationalError:
             log.exception("could not reserve encryption counts for %s/%s", store, key_id)
             raise DependencyTimeoutException("the vault is busy; could not reserve encryption counts") from None
@@ -792,7 +907,10 @@ class VaultKeyManager(KeyManager):
             self._counters.setdefault((store, key_id, grant.version), UsageCounter()).granted += grant.count
         key = self._keys.get((store, key_id))
         if key is None or grant.version != key.current or (grant.count == 0 and may_rotate):
-            await self._refresh(force=True)  # rotated (here or elsewhere), deleted, or disabled
+            try:
+                await self._refresh(force=True)  # rotated (here or elsewhere), deleted, or disabled
+            except StorageUnavailable:
+                raise DependencyTimeoutException("the vault database is unreachable; could not load the new key version") from None
         return grant.count
 
     def _encrypt(self, key: LoadedKey, plaintext: bytes, aad: bytes | None) -> Encrypted:
@@ -826,6 +944,10 @@ class VaultKeyManager(KeyManager):
         return {k[2]: c.used for k, c in self._counters.items() if k[0] == store and k[1] == key_id}
 
     async def health(self) -> list[EkmHealth]:
+        """The in-memory vault (a real AES-GCM round trip on the health key), then its database if shared.
+
+        Read from what the background watcher last saw: health never waits on the database.
+        """
         state = HealthState.ACTIVE if self._last_refresh_ok else HealthState.DEGRADED
         try:
             key = self._keys[(INTERNAL_STORE, HEALTH_KEY)]
@@ -837,4 +959,18 @@ class VaultKeyManager(KeyManager):
         except (XksError, KeyError):
             log.exception("vault health probe failed")
             state = HealthState.UNAVAILABLE
-        return [EkmHealth(id=f"vault:{self._path.name}", model="SQLite AES-256-GCM vault", state=state)]
+        if self._dsn is None:
+            return [EkmHealth(id=f"vault:{self._path.name}", model="SQLite AES-256-GCM vault", state=state)]
+        return [EkmHealth(id="vault", model="AES-256-GCM vault, keys held in memory", state=state), self._database_health()]
+
+    def _database_health(self) -> EkmHealth:
+        """The shared database: ACTIVE when its last round trip (every refresh) worked, else UNAVAILABLE."""
+        storage = self._db.storage if self._db is not None else None
+        display = getattr(storage, "display", "postgresql")
+        version = getattr(storage, "server_version", "")
+        up = self._last_refresh_ok and bool(getattr(storage, "reachable", False))
+        return EkmHealth(
+            id=display.removeprefix("postgresql://"),
+            model=f"PostgreSQL {version}".strip(),
+            state=HealthState.ACTIVE if up else HealthState.UNAVAILABLE,
+        )

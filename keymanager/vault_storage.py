@@ -1,10 +1,12 @@
-"""Where the vault keeps its rows: every SQL statement of the vault lives in this module.
+"""Where the vault keeps its rows: every SQLite statement of the vault lives in this module.
 
-`SqliteStorage` is the embedded default (one file, WAL, synchronous=FULL, secure_delete). A
-second implementation (PostgreSQL) provides the same methods: `write()` and `read()` yield a
-transaction object with the row operations below; `write()` is one atomic transaction that
-bumps the generation counter on commit (unless the caller clears `tx.bump`: usage-count
-reservations change no key a server holds, so they must not make every server reload).
+`SqliteStorage` is the embedded default (one file, WAL, synchronous=FULL, secure_delete).
+`keymanager.vault_postgres.PostgresStorage` (the shared vault of a fleet) provides the same
+methods (`VaultStorage` below): `write()` and `read()` yield a transaction object with the row
+operations (`StorageTx`); `write()` is one atomic transaction, serialised against every other
+writer, that bumps the generation counter on commit (unless the caller clears `tx.bump`:
+usage-count reservations change no key a server holds, so they must not make every server
+reload).
 
 Rows are plain frozen dataclasses; sealed blobs are opaque bytes here (only
 `keymanager.crypto` opens them). The schema is versioned in meta 'schema' and upgraded in
@@ -18,9 +20,24 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Protocol
+
+from keymanager.base import KeyAdminError
 
 SCHEMA_VERSION = 2
+
+#: The vault's tables and columns, in the order `dump()` yields rows and `insert_rows` takes them
+#: (backups of a PostgreSQL vault, and moving a local vault into PostgreSQL, go through these).
+DUMP_TABLES: dict[str, tuple[str, ...]] = {
+    "keys": ("store", "key_id", "state", "usage", "created_at", "origin", "deletion_date"),
+    "key_versions": ("store", "key_id", "version", "sealed", "created_at", "reserved", "counted_since"),
+    "import_params": (
+        "params_id", "store", "key_id", "algorithm", "key_spec", "sealed_private", "public_fingerprint",
+        "created_at", "expires_at",
+    ),
+    "vault_secrets": ("name", "sealed", "created_at"),
+}  # fmt: skip
+VaultDump = dict[str, list[tuple[Any, ...]]]
 
 # Schema 1, exactly as the first release wrote it. New vaults are made by this plus every
 # migration, so the upgrade path is the path every vault takes.
@@ -77,6 +94,14 @@ class SchemaError(Exception):
     """The file is a vault this version cannot use (made by a newer release, or not a vault)."""
 
 
+class StorageUnavailable(KeyAdminError):
+    """The vault's database cannot be reached (or is too busy) now: nothing was changed; retry later.
+
+    Raised by a networked storage (PostgreSQL); its message names the database without any
+    password and says why, in one line.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     store: str
@@ -112,6 +137,47 @@ class ImportParamsRow:
     public_fingerprint: str
     created_at: float
     expires_at: float
+
+
+class StorageTx(Protocol):
+    """The row operations of one transaction (`SqliteTx`, `keymanager.vault_postgres.PostgresTx`)."""
+
+    bump: bool
+
+    def generation(self) -> int: ...
+    def key(self, store: str, key_id: str) -> KeyRow | None: ...
+    def keys(self, store: str | None = None) -> list[KeyRow]: ...
+    def keys_due_for_deletion(self, now: float) -> list[KeyRow]: ...
+    def insert_key(self, store: str, key_id: str, state: str, usage: str, origin: str, created_at: float) -> None: ...
+    def update_key(self, store: str, key_id: str, *, state: str, deletion_date: float | None) -> None: ...
+    def delete_key(self, store: str, key_id: str) -> None: ...
+    def versions(self, store: str | None = None, key_id: str | None = None) -> list[VersionRow]: ...
+    def insert_version(
+        self, store: str, key_id: str, version: int, sealed: bytes, created_at: float, reserved: int = 0
+    ) -> None: ...
+    def add_reserved(self, store: str, key_id: str, version: int, delta: int) -> None: ...
+    def insert_import_params(self, row: ImportParamsRow) -> None: ...
+    def import_params(self, params_id: str) -> ImportParamsRow | None: ...
+    def delete_expired_import_params(self, now: float) -> int: ...
+    def secret(self, name: str) -> bytes | None: ...
+    def insert_secret(self, name: str, sealed: bytes, created_at: float) -> None: ...
+    def dump(self) -> VaultDump: ...
+    def insert_rows(self, table: str, rows: list[tuple[Any, ...]]) -> None: ...
+
+
+class VaultStorage(Protocol):
+    """Where a vault keeps its rows: `SqliteStorage` or `keymanager.vault_postgres.PostgresStorage`."""
+
+    #: How logs and errors name it (a file path; a DSN without its password).
+    display: str
+
+    def close(self) -> None: ...
+    def migrate(self, now: float) -> tuple[int, int]: ...
+    def generation(self) -> int: ...
+    def write(self, bump: bool = True) -> Any: ...  # a context manager yielding a StorageTx
+    def read(self) -> Any: ...  # a context manager yielding a StorageTx (a consistent snapshot)
+    def snapshot(self) -> bytes: ...
+    def forget_deleted(self) -> None: ...
 
 
 _KEY_SELECT = (
@@ -237,12 +303,27 @@ class SqliteTx:
     def insert_secret(self, name: str, sealed: bytes, created_at: float) -> None:
         self._conn.execute("INSERT INTO vault_secrets (name, sealed, created_at) VALUES (?, ?, ?)", (name, sealed, created_at))
 
+    # --- whole tables (backups, moving a vault between storages)
+
+    def dump(self) -> VaultDump:
+        """Every row of every vault table, columns as `DUMP_TABLES` names them."""
+        return {
+            table: [tuple(row) for row in self._conn.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY rowid")]
+            for table, cols in DUMP_TABLES.items()
+        }
+
+    def insert_rows(self, table: str, rows: list[tuple[Any, ...]]) -> None:
+        cols = DUMP_TABLES[table]  # a fixed name: never text from outside
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        self._conn.executemany(sql, rows)
+
 
 class SqliteStorage:
     """The vault file. Safe to share between threads: one lock serialises its transactions."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.display = str(path)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -338,6 +419,25 @@ class SqliteStorage:
         """Fold the WAL into the file and truncate it, so deleted rows' old pages do not linger there."""
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @staticmethod
+    def image(dump: VaultDump, generation: int = 1) -> bytes:
+        """The bytes of a vault file holding exactly `dump` (a backup of a vault kept elsewhere)."""
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            _run_script(conn, _SCHEMA_1, {})
+            for version in range(2, SCHEMA_VERSION + 1):
+                _run_script(conn, _MIGRATIONS[version], {"now": 0.0})
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (version,))
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'generation'", (generation,))
+            tx = SqliteTx(conn, bump=False)
+            for table in DUMP_TABLES:
+                tx.insert_rows(table, dump.get(table, []))
+            conn.execute("COMMIT")
+            return conn.serialize()
+        finally:
+            conn.close()
 
 
 def _run_script(conn: sqlite3.Connection, script: str, params: dict[str, object]) -> None:

@@ -155,7 +155,8 @@ class AdminApi:
         return app
 
     async def open(self) -> None:
-        self._db = await asyncio.to_thread(VaultDB, self._config.vault.path, self._config.master_key)
+        vault = self._config.vault
+        self._db = await asyncio.to_thread(VaultDB.open, vault.path, self._config.master_key, vault.dsn)
 
     async def close(self) -> None:
         if self._db is not None:

@@ -90,7 +90,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise RestoreError(f"{out} exists; a backup never overwrites a file")
         if config.backend != "vault":
             raise RestoreError(f"vault backup is not supported on backend {config.backend}")
-        db = VaultDB(config.vault.path, config.master_key)
+        db = VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
         try:
             db.sweep(actor="cli:vault-backup")
             snapshot = db.snapshot()
@@ -99,7 +99,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except (RestoreError, VaultError) as exc:
         print(f"xks-proxy: {exc}", file=sys.stderr)
         return 1
-    files = {_VAULT_NAME: snapshot, CONFIG_FILE: (config.home / CONFIG_FILE).read_bytes()}
+    files = {_VAULT_NAME: snapshot, CONFIG_FILE: _config_for_backup(config)}
     tls = config.home / "tls"
     if tls.is_dir():
         files.update({f"tls/{p.name}": p.read_bytes() for p in sorted(tls.iterdir()) if p.is_file()})
@@ -120,6 +120,29 @@ def cmd_backup(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _config_for_backup(config: configmod.Config) -> bytes:
+    """config.toml; for a fleet's shared vault, as a single-box home's: the stores in it, no DSN.
+
+    (The vault in the backup is an SQLite file either way; `fleet init` puts a restored home
+    back into a database.)
+    """
+    text = (config.home / CONFIG_FILE).read_bytes()
+    if config.vault.dsn is None:
+        return text
+    import tomllib
+
+    import tomli_w
+
+    from xks_proxy import shared_settings
+
+    raw = tomllib.loads(text.decode())
+    for name in ("dsn", "dsn_file", "dsn_env"):
+        raw.get("vault", {}).pop(name, None)
+    raw.pop("fleet", None)
+    raw["stores"] = shared_settings.stores_raw(config)
+    return tomli_w.dumps(raw).encode()
 
 
 def _write_new(path: Path, data: bytes) -> None:

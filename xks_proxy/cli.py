@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from keymanager.base import KeyAdminError
 from keymanager.crypto import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except XksError as exc:  # the key manager could not start (e.g. the HSM refused the PIN)
         print(f"xks-proxy: cannot start: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyAdminError as exc:  # e.g. the vault database does not answer: nothing was changed
+        print(f"xks-proxy: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -166,8 +170,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from xks_proxy.runner import serve
 
-    config = _load(args)
     _setup_logging(args.log_level)
+    config = configmod.load(configmod.home_dir(args.home), shared=False)
+    if config.vault.dsn is not None:
+        from xks_proxy.fleet import wait_for_stores
+
+        config = wait_for_stores(config)
     return serve(config, host=args.host, port=args.port, plain_http=args.http, workers=args.workers)
 
 
@@ -255,7 +263,6 @@ def _vault(config: configmod.Config):  # -> keymanager.vault.VaultDB
 def _key_admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
     """The configured backend's key administration (the vault file, or the HSM token)."""
     from keymanager import create_key_admin
-    from keymanager.base import KeyAdminError
 
     try:
         return create_key_admin(config)
@@ -267,7 +274,6 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
     """Run a lifecycle action on the local vault or through --admin-url; refusals are one-line errors."""
 
     def run(args: argparse.Namespace) -> int:
-        from keymanager.base import KeyAdminError
         from xks_proxy.admin_client import AdminError
 
         try:
@@ -403,10 +409,17 @@ def _vault_backup(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     backup.register(sub, common)
 
 
+def _fleet(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import fleet_cli
+
+    fleet_cli.register(sub, common)
+
+
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
     _conformance,
     _import_config,
     _vault_backup,
+    _fleet,
 ]
 
 

@@ -4,6 +4,10 @@ A bad value stops the program with one line naming the field (`ConfigError`). No
 downstream re-validates: if a `Config` exists, it is well-formed. Credential secrets are kept
 in the file sealed under the master key (the same protection as key material), and are opened
 here, once.
+
+A fleet (`[vault] dsn`: the vault in PostgreSQL, shared) keeps its key stores in that database,
+so every proxy serves the same stores and credentials: config.toml then holds only this node's
+settings, and `load()` reads the stores from the database (`xks_proxy.shared_settings`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import base64
 import binascii
 import os
 import re
+import socket
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,28 @@ class VaultConfig:
     rotate_after_encryptions: int = 1 << 31
     #: Encryptions a server reserves in the vault at a time (what a crash can leave counted but unused).
     count_block: int = 1 << 16
+    #: PostgreSQL connection string of a vault shared by a fleet; None: the SQLite file at `path`.
+    #: It may hold a password (from dsn_file or dsn_env): never print it, use `dsn_display`.
+    dsn: str | None = field(default=None, repr=False)
+
+    @property
+    def dsn_display(self) -> str:
+        from keymanager.vault_postgres import display_dsn
+
+        return display_dsn(self.dsn) if self.dsn else str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """`[fleet]`: how this proxy appears to the others of its fleet (used only with `vault.dsn`)."""
+
+    #: This proxy's name in the heartbeat table; default "<host name>:<port>".
+    proxy_id: str | None = None
+    #: How often each serving process says it is alive; a proxy silent for 3 of these is not counted.
+    heartbeat_seconds: float = 1.0
+
+    def name(self, port: int) -> str:
+        return self.proxy_id or f"{socket.gethostname()}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +204,7 @@ class Config:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     pkcs11: Pkcs11Config | None = None
     admin: AdminConfig = AdminConfig()
+    fleet: FleetConfig = FleetConfig()
 
     def store(self, prefix: str | None) -> Store:
         """The store a CLI command means: the one named, or the only one."""
@@ -190,29 +218,66 @@ class Config:
         raise ConfigError(f"no store with prefix {prefix!r}")
 
 
-def load(home: Path) -> Config:
-    """Read and validate `<home>/config.toml`. Raises ConfigError naming the bad field."""
-    path = home / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: no configuration here; run `xks-proxy init --home {home}` first")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+def load(home: Path, shared: bool = True) -> Config:
+    """Read and validate `<home>/config.toml`. Raises ConfigError naming the bad field.
+
+    With a shared vault (`vault.dsn`) the stores come from the vault database, unless `shared`
+    is False (then `stores` is empty: for commands that must work before the database does).
+    Raises keymanager.vault_storage.StorageUnavailable if that database does not answer.
+    """
+    return from_raw(home, read_raw(home), shared)
+
+
+def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
+    """Validate a parsed config.toml into a Config (also used to check an edit before writing it)."""
     master_key = _master_key(home, _table(raw, "master_key"))
     backend = _choice(_table(raw, "keymanager"), "keymanager.backend", "backend", ("vault", "pkcs11"), "vault")
-    return Config(
+    vault = _vault(home, _table(raw, "vault"))
+    if vault.dsn is not None and backend != "vault":
+        raise ConfigError(f"vault.dsn: a shared vault database is for keymanager.backend = \"vault\", not {backend}")
+    if vault.dsn is not None and "stores" in raw:
+        raise ConfigError(
+            "stores: with vault.dsn the key stores live in the vault database, shared by the fleet; "
+            f"`xks-proxy fleet init --home {home}` moves them there"
+        )
+    config = Config(
         home=home,
         server=_server(home, _table(raw, "server")),
         limits=_limits(_table(raw, "limits")),
-        stores=_stores(raw.get("stores"), master_key),
+        stores=() if vault.dsn is not None else _stores(raw.get("stores"), master_key),
         backend=backend,
-        vault=_vault(home, _table(raw, "vault")),
+        vault=vault,
         master_key=master_key,
         raw=raw,
         pkcs11=_pkcs11(home, raw) if backend == "pkcs11" else None,
         admin=_admin(home, _table(raw, "admin"), backend),
+        fleet=_fleet(_table(raw, "fleet"), vault),
     )
+    if vault.dsn is not None and shared:
+        from xks_proxy import shared_settings
+
+        config = shared_settings.load_into(config)
+    return config
+
+
+def read_raw(home: Path) -> dict[str, Any]:
+    """config.toml as parsed, unvalidated."""
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no configuration here; run `xks-proxy init --home {home}` first")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def with_stores(config: Config, stores_raw: Any, where: str = "stores") -> Config:
+    """`config` serving the `[[stores]]` tables `stores_raw`, validated as config.toml's are."""
+    try:
+        stores = _stores(stores_raw, config.master_key)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where != "stores" else str(exc)) from None
+    return replace(config, stores=stores)
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -285,6 +350,7 @@ def _vault(home: Path, table: dict[str, Any]) -> VaultConfig:
     if not 0.05 <= refresh <= 2.0:
         raise ConfigError("vault.refresh_seconds: must be between 0.05 and 2 (changes must show within 2 s)")
     return VaultConfig(
+        dsn=_dsn(home, table),
         path=(home / path).resolve(),
         refresh_seconds=refresh,
         rotate_after_encryptions=_int_range(
@@ -292,6 +358,62 @@ def _vault(home: Path, table: dict[str, Any]) -> VaultConfig:
         ),
         count_block=_int_range(table, "vault.count_block", "count_block", 1 << 16, 1, 1 << 24),
     )
+
+
+def _dsn(home: Path, table: dict[str, Any]) -> str | None:
+    """The PostgreSQL connection string of a shared vault, from dsn, dsn_file (owner-only) or $dsn_env.
+
+    A password may sit in the file or the environment, never in config.toml (nor in any message).
+    """
+    given = [name for name in ("dsn", "dsn_file", "dsn_env") if name in table]
+    if len(given) > 1:
+        raise ConfigError(f"vault.{given[1]}: give only one of dsn, dsn_file or dsn_env")
+    if not given:
+        return None
+    where = f"vault.{given[0]}"
+    if given[0] == "dsn":
+        text = _get(table, where, "dsn", str, None)
+    elif given[0] == "dsn_file":
+        path = _file(home, table, where, "dsn_file", None)
+        if path is None:
+            raise ConfigError(f"{where}: must name a file")
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise ConfigError(f"{where}: {path} is readable or writable by others; chmod 600 it")
+        text = path.read_text().strip()
+    else:
+        name = _get(table, where, "dsn_env", str, None)
+        text = os.environ.get(name, "").strip()
+        if not text:
+            raise ConfigError(f"{where}: the environment variable {name} is not set")
+    if not text.strip():
+        raise ConfigError(f"{where}: is empty")
+    from keymanager.vault_postgres import check_dsn
+
+    try:
+        params = check_dsn(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if given[0] == "dsn" and params.get("password"):
+        raise ConfigError(
+            "vault.dsn: holds a password, which config.toml must not; put the DSN in a file named by "
+            "vault.dsn_file (chmod 600) or in the environment variable named by vault.dsn_env, or use ~/.pgpass"
+        )
+    return text.strip()
+
+
+def _fleet(table: dict[str, Any], vault: VaultConfig) -> FleetConfig:
+    for key in table:
+        if key not in ("proxy_id", "heartbeat_seconds"):
+            raise ConfigError(f"fleet.{key}: unknown setting (expected proxy_id or heartbeat_seconds)")
+    if table and vault.dsn is None:
+        raise ConfigError("fleet: a fleet shares its vault in PostgreSQL; set vault.dsn (or dsn_file, dsn_env) first")
+    proxy_id = table.get("proxy_id")
+    if proxy_id is not None and (not isinstance(proxy_id, str) or not 1 <= len(proxy_id) <= 200 or not proxy_id.isprintable()):
+        raise ConfigError("fleet.proxy_id: must be 1-200 printable characters")
+    heartbeat = _get(table, "fleet.heartbeat_seconds", "heartbeat_seconds", float, 1.0)
+    if not 0.1 <= heartbeat <= 30.0:
+        raise ConfigError("fleet.heartbeat_seconds: must be between 0.1 and 30")
+    return FleetConfig(proxy_id=proxy_id, heartbeat_seconds=heartbeat)
 
 
 def _admin(home: Path, table: dict[str, Any], backend: str) -> AdminConfig:

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import time
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -36,6 +37,7 @@ def serve(
     host = host or config.server.host
     port = config.server.port if port is None else port
     sock = _listen(host, port)
+    config = replace(config, server=replace(config.server, port=sock.getsockname()[1]))  # the fleet names us by it
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
     log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)

@@ -15,7 +15,7 @@ import ssl
 import time
 from base64 import b64encode
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -33,6 +33,9 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
+
+if TYPE_CHECKING:
+    from xks_proxy.fleet import FleetMember
 
 access_log = logging.getLogger("xks_proxy.access")
 log = logging.getLogger("xks_proxy.server")
@@ -66,6 +69,12 @@ class XksServer:
         self.config = config
         self.key_manager = key_manager
         self.stores = StoreTable(config.stores)
+        #: With a shared vault: heartbeats, the fleet size, and the stores every proxy shares.
+        self.fleet: FleetMember | None = None
+        if config.vault.dsn is not None:
+            from xks_proxy import fleet
+
+            self.fleet = fleet.FleetMember(config, self.apply_config)
         self._handlers: dict[str, Callable[[Store, str | None, dict[str, Any], Outcome], Awaitable[dict[str, Any]]]] = {
             "health": self._health,
             "metadata": self._metadata,
@@ -83,9 +92,18 @@ class XksServer:
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.key_manager.start()
+        if self.fleet is not None:
+            await self.fleet.start()
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.key_manager.close()
+
+    def apply_config(self, config: Config) -> None:
+        """Serve a new configuration's stores and credentials (one assignment: no request sees a mix)."""
+        self.config = config
+        self.stores = StoreTable(config.stores)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -149,7 +167,7 @@ class XksServer:
         details = await self.key_manager.health()
         server = self.config.server
         return {
-            "xksProxyFleetSize": server.fleet_size,
+            "xksProxyFleetSize": self.fleet.size() if self.fleet is not None else server.fleet_size,
             "xksProxyVendor": server.vendor,
             "xksProxyModel": server.model,
             "ekmVendor": self.key_manager.vendor,

@@ -1,0 +1,192 @@
+"""`xks-proxy fleet init|status`: move a home onto a shared PostgreSQL vault, and look at the fleet.
+
+`fleet init` turns a single-box home into the first member of a fleet, in an order that loses
+nothing if it stops half-way (every step can be run again):
+  1. the vault schema and health key in the database (`VaultDB` creates them);
+  2. the home's local vault keys copied into the database, in one transaction, when it has none
+     (sealed blobs as they are: every proxy of the fleet must use the same master key);
+  3. config.toml's `[[stores]]` (sealed credentials as they are) put into the database;
+  4. config.toml rewritten without `[[stores]]`, with the DSN setting given on the command line.
+Other proxies then need a copy of the home's config.toml, master key and TLS files: nothing else.
+The local vault file is left where it was, unused (keep it as a backup, or remove it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import getpass
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+from xks_proxy import config as configmod
+from xks_proxy.config import Config, ConfigError
+
+if TYPE_CHECKING:  # imported where used: every other CLI command does without them
+    from keymanager.vault import VaultDB
+
+
+class FleetError(Exception):
+    """A refused fleet command, printed as one line."""
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    fleet = sub.add_parser("fleet", help="a fleet of proxies sharing their vault in PostgreSQL").add_subparsers(metavar="ACTION")
+    init = fleet.add_parser("init", parents=[common], help="put this home's vault and key stores into the shared database")
+    dsn = init.add_mutually_exclusive_group()
+    dsn.add_argument("--dsn-file", help="file holding the PostgreSQL connection string (chmod 600; written as vault.dsn_file)")
+    dsn.add_argument("--dsn-env", help="environment variable holding the connection string (written as vault.dsn_env)")
+    init.add_argument(
+        "--skip-local-vault", action="store_true", help="do not copy the home's local vault keys (the database keeps its own)"
+    )
+    init.set_defaults(func=_command(cmd_init))
+    status = fleet.add_parser("status", parents=[common], help="the shared database and the proxies heartbeating into it")
+    status.set_defaults(func=_command(cmd_status))
+
+
+def _command(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except FleetError as exc:
+            print(f"xks-proxy: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return f"cli:uid={os.getuid()}"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = configmod.home_dir(args.home)
+    raw = configmod.read_raw(home)
+    new_raw = copy.deepcopy(raw)
+    vault_table = new_raw.setdefault("vault", {})
+    if args.dsn_file or args.dsn_env:
+        for name in ("dsn", "dsn_file", "dsn_env"):
+            vault_table.pop(name, None)
+        vault_table["dsn_file" if args.dsn_file else "dsn_env"] = args.dsn_file or args.dsn_env
+    local_stores = new_raw.pop("stores", None)
+    config = configmod.from_raw(home, new_raw, shared=False)
+    if config.vault.dsn is None:
+        raise ConfigError("vault.dsn: no database named; give --dsn-file or --dsn-env (or set vault.dsn_file in config.toml)")
+    if local_stores is not None:
+        configmod.with_stores(config, local_stores)  # valid before anything is written
+    from keymanager.vault import VaultDB
+
+    db = VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
+    try:
+        copied = 0 if args.skip_local_vault else _copy_local_vault(config, db)
+    finally:
+        db.close()
+    stores = _put_stores(config, local_stores)
+    from xks_proxy.home import write_config
+
+    write_config(home, new_raw)
+    print(
+        json.dumps(
+            {
+                "database": config.vault.dsn_display,
+                "keysCopied": copied,
+                "stores": [s.uri_path for s in stores.stores],
+                "config": f"{home / configmod.CONFIG_FILE}: key stores now live in the database",
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _copy_local_vault(config: Config, db: "VaultDB") -> int:
+    """The local vault's keys into the (empty) database; nothing if they are there already."""
+    from keymanager.vault import VaultDB
+
+    if not config.vault.path.is_file():
+        return 0
+    local = VaultDB(config.vault.path, config.master_key)
+    try:
+        mine = _key_names(local)
+        if not mine:
+            return 0
+        theirs = _key_names(db)
+        if mine <= theirs:
+            return 0  # a second run: copied before
+        if theirs:
+            raise FleetError(
+                f"the database already holds {len(theirs)} other key(s); the {len(mine)} key(s) of {config.vault.path} "
+                "are copied only into an empty one (--skip-local-vault leaves them out)"
+            )
+        return db.copy_keys_from(local)
+    finally:
+        local.close()
+
+
+def _key_names(db: "VaultDB") -> set[tuple[str, str]]:
+    from keymanager.vault import INTERNAL_STORE
+
+    _, keys = db.load()
+    return {name for name in keys if name[0] != INTERNAL_STORE}
+
+
+def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
+    """config.toml's stores into the database, unless it has them (the same, or others: refused)."""
+    from xks_proxy import shared_settings
+
+    with shared_settings.editing(config, _actor()) as shared:
+        if not shared and not local:
+            raise ConfigError("stores: neither config.toml nor the database has a key store")
+        if local and not shared:
+            shared.extend(local)
+        elif local and shared != local:
+            raise FleetError(
+                "the database already holds key stores that differ from config.toml's; keep the database's "
+                "by removing [[stores]] from config.toml, then run this again"
+            )
+        merged = shared_settings.apply(config, shared)
+    return merged
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from keymanager.vault_postgres import PostgresStorage
+    from xks_proxy import shared_settings
+    from xks_proxy.fleet import LIVE_HEARTBEATS
+
+    config = configmod.load(configmod.home_dir(args.home), shared=False)
+    if config.vault.dsn is None:
+        raise ConfigError("vault.dsn: this home's vault is a local file, not a fleet's shared database")
+    storage = PostgresStorage(config.vault.dsn)
+    try:
+        schema = storage.schema_version()
+        rows = storage.proxies() if schema else []
+        generation = storage.generation() if schema else None
+        revision = storage.setting_revision(shared_settings.STORES) if schema else 0
+    finally:
+        storage.close()
+    window = LIVE_HEARTBEATS * config.fleet.heartbeat_seconds
+    proxies = [
+        {"proxyId": r.proxy_id, "host": r.host, "port": r.port, "pid": r.pid, "lastSeenSecondsAgo": round(r.age_seconds, 1),
+         "live": r.age_seconds <= window}
+        for r in rows
+    ]  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "database": storage.display,
+                "serverVersion": storage.server_version,
+                "schema": schema,
+                "generation": generation,
+                "storesRevision": revision,
+                "fleetSize": len({p["proxyId"] for p in proxies if p["live"]}),
+                "processes": proxies,
+            },
+            indent=2,
+        )
+    )
+    return 0
