@@ -551,15 +551,18 @@ class VaultDB:
         store, key id and version, not to a storage), so both vaults must share the master key:
         that is checked first, on `other`'s own health key. Returns the number of keys copied.
         """
-        _, theirs = other.load()
-        health = theirs.get((INTERNAL_STORE, HEALTH_KEY))
-        if health is None or not health.versions:
-            raise VaultError(f"the master key does not open the vault {other.display}")
-        unreadable = [f"{s}/{k}" for (s, k), key in theirs.items() if key.current is not None and key.current not in key.versions]
-        if unreadable:
-            raise VaultError(f"key material of {', '.join(unreadable[:5])} in {other.display} does not open under this master key")
         with other._storage.read() as tx:
             dump = tx.dump()
+        unreadable = []
+        for store, key_id, version, sealed, *_ in dump["key_versions"]:
+            try:
+                self._master.data_key(sealed, material_context(store, key_id, version))
+            except ValueError:
+                unreadable.append(f"{store}/{key_id} v{version}")
+        if f"{INTERNAL_STORE}/{HEALTH_KEY} v1" in unreadable:
+            raise VaultError(f"the master key does not open the vault {other.display} (another home's master key?)")
+        if unreadable:
+            raise VaultError(f"key material of {', '.join(unreadable[:5])} in {other.display} does not open under this master key")
         with self._storage.write() as tx:
             if any(row.store != INTERNAL_STORE for row in tx.keys()):
                 raise VaultError(f"the vault {self.display} already holds keys; keys are copied only into an empty one")
@@ -569,7 +572,7 @@ class VaultDB:
                 else:
                     rows = [row for row in rows if row[1 if table == "import_params" else 0] != INTERNAL_STORE]
                 tx.insert_rows(table, rows)
-        return sum(1 for (store, _) in theirs if store != INTERNAL_STORE)
+        return sum(1 for row in dump["keys"] if row[0] != INTERNAL_STORE)
 
     # --- usage counting, for the key manager
 

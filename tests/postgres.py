@@ -8,12 +8,15 @@ PostgreSQL refuses to run as root, so when the tests run as root (CI) the cluste
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -78,3 +81,51 @@ class Cluster:
 
     def stop(self, mode: str = "fast") -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "-m", mode, "-w", "stop", check=False)
+
+    def dsn_for(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database in this cluster; returns its DSN."""
+        import psycopg
+
+        with psycopg.connect(self.dsn_for("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn_for(name)
+
+    def set_connectable(self, name: str, allowed: bool) -> None:
+        """Make one database refuse (and drop) every connection, or accept them again: that database is 'down'."""
+        import psycopg
+
+        with psycopg.connect(self.dsn_for("postgres"), autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if allowed else "false"}')
+            if not allowed:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    def running(self) -> bool:
+        return self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "status", check=False).returncode == 0
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    """One PostgreSQL cluster for a test module (tests get their own database in it: `pg_database`)."""
+    pg_bin()  # skip, or fail under XKS_TEST_STRICT=1, before making anything
+    base = Path(tempfile.mkdtemp(prefix="xks-pg-"))  # not under pytest's 0700 tmp: the postgres user must reach it
+    cluster = Cluster(base).init()
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(pg_cluster: Cluster) -> tuple[Cluster, str, str]:
+    """(cluster, database name, DSN) of a fresh database for this test; the cluster is running."""
+    if not pg_cluster.running():
+        pg_cluster.start()
+    name = f"t{os.getpid()}_{next(_databases)}"
+    return pg_cluster, name, pg_cluster.create_database(name)
