@@ -16,7 +16,9 @@ from keymanager.crypto import DataKey, MasterKey
 from keymanager.vault import INTERNAL_STORE, Grant, VaultDB, VaultError, material_context, parse_usage
 from keymanager.vault_postgres import PostgresStorage
 from keymanager.vault_storage import StorageUnavailable
-from tests.fleet_util import DSN_PASSWORD, dsn_with_password
+from tests.conftest import Client, metadata, unb64
+from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home
+from tests.lifecycle_util import serving, wait_for
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 
 MASTER = MasterKey.from_text(MasterKey.generate_text())
@@ -283,3 +285,53 @@ def test_unreachable_database_is_one_clear_line_without_the_password(pg_database
     with pytest.raises(StorageUnavailable) as caught:
         PostgresStorage(secret_dsn.replace(f":{cluster.port}/", ":1/"))
     assert DSN_PASSWORD not in str(caught.value) and "unreachable" in str(caught.value)
+
+
+async def test_database_down_spends_only_reserved_counts_then_refuses_retryably(
+    tmp_path: Path, pg_database: tuple[Cluster, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loaded keys keep working from memory; Encrypt stops (503, retryable) when the reserved block is spent."""
+    cluster, name, dsn = pg_database
+    home = pg_home(tmp_path / "home", dsn, count_block=20, refresh_seconds=0.1)
+    home.create_key("foo")
+    try:
+        async with serving(home) as live:
+            client = live.client
+            status, first = await client.encrypt("foo", b"before")
+            assert status == 200  # reserved a block of 20, used 1
+            assert (await _health(client))["xksProxyFleetSize"] == 1
+            cluster.set_connectable(name, False)
+            await wait_for(lambda: _health_states(client, ("DEGRADED", "UNAVAILABLE")), timeout=5)
+            made = [await client.encrypt("foo", b"during %d" % i) for i in range(25)]
+            assert [status for status, _ in made] == [200] * 19 + [503] * 6  # never one uncounted encryption
+            assert {body["errorName"] for status, body in made if status == 503} == {"DependencyTimeoutException"}
+            for i, (status, enc) in enumerate(made[:19]):
+                status, body = await client.decrypt("foo", enc)
+                assert status == 200 and unb64(body["plaintext"]) == b"during %d" % i
+            assert (await client.call("metadata", "foo", requestMetadata=metadata("DescribeKey")))[0] == 200
+            cluster.set_connectable(name, True)
+            await wait_for(lambda: _health_states(client, ("ACTIVE", "ACTIVE")), timeout=5)
+            status, after = await client.encrypt("foo", b"after")
+            assert status == 200
+            status, body = await client.decrypt("foo", first)
+            assert status == 200 and unb64(body["plaintext"]) == b"before"
+        db = pg_vault(dsn, master=home.config.master_key)
+        try:
+            assert db.versions(home.prefix, "foo")[0].reserved == 21  # exact after a clean stop: 20 + 1
+        finally:
+            db.close()
+    finally:
+        cluster.set_connectable(name, True)
+    assert DSN_PASSWORD not in caplog.text
+    assert any("unreachable" in r.getMessage() for r in caplog.records if r.name == "xks_proxy.vault")
+
+
+async def _health(client: Client) -> dict[str, Any]:
+    status, body = await client.call("health", requestMetadata={"kmsRequestId": "h", "kmsOperation": "KmsHealthCheck"})
+    assert status == 200, body
+    return body
+
+
+async def _health_states(client: Client, expected: tuple[str, str]) -> bool:
+    details = (await _health(client))["ekmFleetDetails"]
+    return tuple(d["healthStatus"] for d in details) == expected and "PostgreSQL 1" in details[1]["model"]

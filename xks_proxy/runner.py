@@ -8,6 +8,7 @@ worker watches the vault itself, so CLI changes reach all of them within the ref
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -65,7 +66,28 @@ def _serve_worker(config: Config, sock: socket.socket, ssl_context: ssl.SSLConte
         from xks_proxy import admin as admin_api
 
         admin_api.attach(app, config, key_manager)
+    app.on_startup.append(_stop_on_first_signal)
     web.run_app(app, sock=sock, ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10)
+
+
+async def _stop_on_first_signal(app: web.Application) -> None:
+    """Stop gracefully on the first SIGTERM/SIGINT and ignore the next ones.
+
+    A worker usually gets two (from the supervisor, and from whoever signalled the process
+    group: systemd, `kill -- -PGID`); aiohttp's own handler would abort the graceful cleanup on
+    the second, and the key manager would not give back its unused encryption counts.
+    """
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise web.GracefulExit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
 
 
 def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, workers: int) -> int:
