@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 import threading
 from collections import Counter
 from pathlib import Path
@@ -16,9 +19,11 @@ from keymanager.crypto import DataKey, MasterKey
 from keymanager.vault import INTERNAL_STORE, Grant, VaultDB, VaultError, material_context, parse_usage
 from keymanager.vault_postgres import PostgresStorage
 from keymanager.vault_storage import StorageUnavailable
-from tests.conftest import Client, metadata, unb64
-from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home
-from tests.lifecycle_util import serving, wait_for
+from tests.conftest import REGION, Client, Home, metadata, unb64
+from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home, write_dsn_file
+from tests.lifecycle_util import acli, serving, wait_for
+from xks_proxy import config as configmod
+from xks_proxy.home import init_home
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 
 MASTER = MasterKey.from_text(MasterKey.generate_text())
@@ -335,3 +340,56 @@ async def _health(client: Client) -> dict[str, Any]:
 async def _health_states(client: Client, expected: tuple[str, str]) -> bool:
     details = (await _health(client))["ekmFleetDetails"]
     return tuple(d["healthStatus"] for d in details) == expected and "PostgreSQL 1" in details[1]["model"]
+
+
+async def test_fleet_init_moves_a_single_box_home_and_back_without_losing_a_key(
+    tmp_path: Path, pg_database: tuple[Cluster, str, str]
+) -> None:
+    _, _, dsn = pg_database
+    akid, secret = init_home(tmp_path / "box", "test", REGION, 0)
+    box = Home(path=tmp_path / "box", prefix="test", access_key_id=akid, secret=secret)
+    box.create_key("foo")
+    made = []
+    async with serving(box) as live:  # the single-box proxy, on its SQLite vault
+        made.append((await live.client.encrypt("foo", b"v1"))[1])
+        assert (await acli("keys", "rotate", "foo", home=box.path))[0] == 0
+        await wait_for(lambda: _encrypts_as_version(live.client, 2, made))
+    dsn_file = write_dsn_file(tmp_path / "pg.dsn", dsn)
+    rc, out, err = await acli("fleet", "init", "--dsn-file", str(dsn_file), home=box.path)
+    assert rc == 0, err
+    assert json.loads(out)["keysCopied"] == 1 and DSN_PASSWORD not in out + err
+    rc, out, err = await acli("fleet", "init", home=box.path)  # again: nothing more to do
+    assert rc == 0 and json.loads(out)["keysCopied"] == 0, err
+    async with serving(box) as live:  # the same home, now on the shared database
+        for (plaintext, enc) in zip((b"v1", b"v2"), made):
+            status, body = await live.client.decrypt("foo", enc)
+            assert status == 200 and unb64(body["plaintext"]) == plaintext
+    # A backup of the fleet restores as a single-box home (stores and keys in it).
+    rc, out, err = await acli("vault", "backup", str(tmp_path / "fleet.bak"), home=box.path)
+    assert rc == 0, err
+    rc, out, err = await acli(
+        "vault", "restore", str(tmp_path / "fleet.bak"), "--home", str(tmp_path / "restored"),
+        "--master-key-file", str(box.path / "master.key"),
+    )  # fmt: skip
+    assert rc == 0, err
+    restored = Home(path=tmp_path / "restored", prefix="test", access_key_id=akid, secret=secret)
+    assert restored.config.vault.dsn is None
+    async with serving(restored) as live:
+        status, body = await live.client.decrypt("foo", made[1])
+        assert status == 200 and unb64(body["plaintext"]) == b"v2"
+    # Another box's keys are not mixed into a database that has keys.
+    init_home(tmp_path / "other", "test", REGION, 0)
+    Home(path=tmp_path / "other", prefix="test", access_key_id="", secret="").create_key("bar")
+    rc, out, err = await acli("fleet", "init", "--dsn-file", str(dsn_file), home=tmp_path / "other")
+    assert rc == 1 and "already holds 1 other key(s)" in err and "--skip-local-vault" in err
+    rc, out, err = await acli("fleet", "init", "--dsn-file", str(dsn_file), "--skip-local-vault", home=tmp_path / "other")
+    assert rc == 1 and "already holds key stores that differ" in err
+    assert "stores" in configmod.read_raw(tmp_path / "other")  # refused: config.toml untouched
+
+
+async def _encrypts_as_version(client: Client, version: int, made: list[Any]) -> bool:
+    status, enc = await client.encrypt("foo", b"v2")
+    ok = status == 200 and enc["ciphertextMetadata"] == base64.b64encode(struct.pack(">BI", 1, version)).decode()
+    if ok:
+        made.append(enc)
+    return ok

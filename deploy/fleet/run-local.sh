@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The fleet of docker-compose.yml (profile "fleet"), on one machine without Docker, from Debian
+# packages: PostgreSQL (apt-get install postgresql), N xks-proxy processes on their own ports,
+# and HAProxy (apt-get install haproxy) terminating TLS in front of them with deploy/haproxy.cfg.
+#
+#   deploy/fleet/run-local.sh start DIR [N]    start N proxies (default 2) with everything under DIR
+#   deploy/fleet/run-local.sh stop DIR         stop all of it (the data stays in DIR)
+#
+# Environment (defaults): XKS_PROXY (xks-proxy: the command to run), XKS_HTTPS_PORT (8443, the
+# HTTPS endpoint), XKS_BASE_PORT (9001: proxy k listens on BASE+k-1, plain HTTP on 127.0.0.1),
+# XKS_PG_PORT (55432), XKS_WORKERS (1 per proxy), XKS_PREFIX (xks), XKS_REGION (us-east-1).
+# Run as root, PostgreSQL runs as the `postgres` user, which must be able to reach DIR.
+#
+# What it makes in DIR: pg/ (the cluster, password authentication), pg.dsn (the connection
+# string with its password, mode 600), home-1 .. home-N (proxy homes: home-1 made by
+# `xks-proxy init` + `xks-proxy fleet init`, the others copies of it), haproxy.pem (home-1's
+# development certificate for localhost, with its key), *.log and *.pid.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+action=$1
+dir=$(realpath -m "$2")
+count=${3:-2}
+here=$(cd "$(dirname "$0")" && pwd)
+read -ra xks <<< "${XKS_PROXY:-xks-proxy}"
+https_port=${XKS_HTTPS_PORT:-8443}
+base_port=${XKS_BASE_PORT:-9001}
+pg_port=${XKS_PG_PORT:-55432}
+workers=${XKS_WORKERS:-1}
+prefix=${XKS_PREFIX:-xks}
+region=${XKS_REGION:-us-east-1}
+
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+as_pg=()
+if [ "$(id -u)" = 0 ]; then as_pg=(runuser -u postgres --); fi
+
+wait_for() {  # wait_for WHAT COMMAND...: up to 30 s
+  local what=$1; shift
+  for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "run-local: $what did not come up (see $dir/*.log)" >&2
+  return 1
+}
+
+start_postgres() {
+  [ -x "$pg_bin/initdb" ] || { echo "run-local: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
+  if [ ! -d "$dir/pg/data" ]; then
+    mkdir -p "$dir/pg/sock"
+    local password pwfile
+    password=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+    pwfile=$dir/pg/pwfile
+    (umask 077; printf '%s\n' "$password" > "$pwfile")
+    if [ ${#as_pg[@]} -gt 0 ]; then
+      chmod o+x "$dir"; chown -R postgres "$dir/pg"
+      "${as_pg[@]}" test -r "$pwfile" || {
+        echo "run-local: the postgres user cannot reach $dir; make its parent directories traversable (chmod o+x)" >&2; exit 1; }
+    fi
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$dir/pg/data" -U xks --pwfile="$pwfile" \
+      --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 >"$dir/pg/initdb.log"
+    rm -f "$pwfile"
+    (umask 077; printf 'postgresql://xks:%s@127.0.0.1:%s/xks\n' "$password" "$pg_port" > "$dir/pg.dsn")
+    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
+      -o "-h 127.0.0.1 -p $pg_port -k $dir/pg/sock" start >/dev/null
+    PGPASSWORD=$password "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U xks xks
+  else
+    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
+      -o "-h 127.0.0.1 -p $pg_port -k $dir/pg/sock" start >/dev/null
+  fi
+}
+
+make_homes() {
+  if [ ! -f "$dir/home-1/config.toml" ]; then
+    "${xks[@]}" init --home "$dir/home-1" --uri-prefix "$prefix" --region "$region" --port "$base_port" > "$dir/home-1.init.txt"
+    "${xks[@]}" fleet init --home "$dir/home-1" --dsn-file "$dir/pg.dsn" > /dev/null
+  fi
+  for k in $(seq 2 "$count"); do
+    if [ ! -d "$dir/home-$k" ]; then
+      mkdir -m 700 "$dir/home-$k"
+      cp -a "$dir/home-1/config.toml" "$dir/home-1/master.key" "$dir/home-1/tls" "$dir/home-$k/"
+    fi
+  done
+  (umask 077; cat "$dir/home-1/tls/server.pem" "$dir/home-1/tls/server.key" > "$dir/haproxy.pem")
+}
+
+start_proxies() {
+  for k in $(seq 1 "$count"); do
+    local port=$((base_port + k - 1))
+    setsid "${xks[@]}" serve --home "$dir/home-$k" --http --host 127.0.0.1 --port "$port" --workers "$workers" \
+      >>"$dir/proxy-$k.log" 2>&1 < /dev/null &
+    echo $! > "$dir/proxy-$k.pid"
+  done
+  for k in $(seq 1 "$count"); do
+    wait_for "proxy $k" curl -sf "http://127.0.0.1:$((base_port + k - 1))/ping"
+  done
+}
+
+start_haproxy() {
+  command -v haproxy >/dev/null || { echo "run-local: HAProxy is not installed (apt-get install haproxy)" >&2; exit 1; }
+  cp "$here/../haproxy.cfg" "$dir/haproxy.cfg"
+  local upstreams=()
+  for k in $(seq 1 "$count"); do
+    upstreams+=("XKS_UPSTREAM_$k=127.0.0.1:$((base_port + k - 1))")
+    if [ "$k" -gt 2 ]; then echo "    server proxy$k \"\${XKS_UPSTREAM_$k}\"" >> "$dir/haproxy.cfg"; fi
+  done
+  env XKS_TLS_PEM="$dir/haproxy.pem" XKS_HTTPS_PORT="$https_port" "${upstreams[@]}" \
+    setsid haproxy -W -db -f "$dir/haproxy.cfg" >>"$dir/haproxy.log" 2>&1 < /dev/null &
+  echo $! > "$dir/haproxy.pid"
+  wait_for "haproxy" curl -sf --cacert "$dir/home-1/tls/ca.pem" "https://localhost:$https_port/ping"
+}
+
+stop_pidfile() {  # TERM the process group, wait up to 15 s
+  local file=$1 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$file"
+}
+
+case $action in
+  start)
+    [ "$count" -ge 2 ] || { echo "run-local: a fleet has at least 2 proxies" >&2; exit 2; }
+    mkdir -p -m 700 "$dir"
+    start_postgres
+    make_homes
+    start_proxies
+    start_haproxy
+    cat <<EOF
+Fleet of $count proxies running under $dir
+  endpoint:   https://localhost:$https_port/$prefix/kms/xks/v1   (CA: $dir/home-1/tls/ca.pem)
+  proxies:    http://127.0.0.1:$base_port .. $((base_port + count - 1))  (logs: $dir/proxy-*.log)
+  database:   postgresql://xks@127.0.0.1:$pg_port/xks  (connection string with password: $dir/pg.dsn)
+  credential: ${xks[*]} stores export --home $dir/home-1
+  a key:      ${xks[*]} keys create foo --home $dir/home-1
+  stop:       $0 stop $dir
+EOF
+    ;;
+  stop)
+    stop_pidfile "$dir/haproxy.pid"
+    for file in "$dir"/proxy-*.pid; do stop_pidfile "$file"; done
+    if [ -d "$dir/pg/data" ]; then "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -m fast -w stop >/dev/null || true; fi
+    ;;
+  *) usage ;;
+esac

@@ -1,0 +1,118 @@
+"""The documented local fleet (deploy/fleet/run-local.sh): PostgreSQL, two proxies, HAProxy with TLS.
+
+Signed HTTPS traffic goes through the real HAProxy (SigV4 signs the Host header: it must arrive
+intact), one proxy is SIGKILLed mid-traffic, and not one request may fail: HAProxy resends what
+was in flight on the dead proxy and drains it by its /ping check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import ClientSession, TCPConnector
+
+from tests.conftest import Client, need, unb64
+from tests.fleet_util import free_port
+from tests.postgres import pg_bin
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "deploy" / "fleet" / "run-local.sh"
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
+
+
+async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
+    need("haproxy")
+    need("curl")
+    pg_bin()
+    base = Path(tempfile.mkdtemp(prefix="xks-fleet-"))  # not under pytest's 0700 tmp: PostgreSQL runs as `postgres`
+    base.chmod(0o711)
+    https_port, proxy_ports = free_port(), (free_port(), free_port())
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        XKS_PROXY=f"{sys.executable} -m xks_proxy.cli",
+        XKS_HTTPS_PORT=str(https_port),
+        XKS_BASE_PORT=str(proxy_ports[0]),
+        XKS_PG_PORT=str(free_port()),
+    )
+    env.pop("XKS_PROXY_HOME", None)
+    fleet = base / "fleet"
+    started = _run(str(SCRIPT), "start", str(fleet), "2", env=env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"https://localhost:{https_port}/xks/kms/xks/v1" in started.stdout
+        cli = [sys.executable, "-m", "xks_proxy.cli"]
+        assert _run(*cli, "keys", "create", "foo", "--home", str(fleet / "home-1"), env=env).returncode == 0
+        exported = json.loads(_run(*cli, "stores", "export", "--home", str(fleet / "home-2"), env=env).stdout)
+        credential = exported["XksProxyAuthenticationCredential"]
+        ssl_context = ssl.create_default_context(cafile=str(fleet / "home-1" / "tls" / "ca.pem"))
+        async with ClientSession(connector=TCPConnector(ssl=ssl_context, limit=16)) as session:
+            client = Client(
+                session, f"https://localhost:{https_port}", exported["XksProxyUriPath"],
+                credential["AccessKeyId"], credential["RawSecretAccessKey"],
+            )  # fmt: skip
+            outcome = await _traffic_with_a_kill(client, fleet / "proxy-2.pid")
+        log = (fleet / "haproxy.log").read_text()
+    finally:
+        _run(str(SCRIPT), "stop", str(fleet), env=env)
+    try:
+        served = re.findall(r"xks_proxies/(proxy\d) \S+ (\d{3}) .* (\d+)/(\d+)/(\d+)/(\d+)/\+?(\d+) \d+/\d+ \"POST", log)
+        assert outcome["failures"] == [], outcome["failures"][:5]
+        assert outcome["before"] > 20 and outcome["after"] > 100, outcome
+        assert {"proxy1", "proxy2"} <= {s[0] for s in served}  # both carried traffic before the kill
+        assert "xks_proxies/proxy2 is DOWN" in log  # drained by the health check
+        retried = sum(1 for s in served if int(s[6]) > 0)
+        print(f"\nrequests: {outcome['before']} before the kill, {outcome['after']} after, 0 failed; "
+              f"resent by HAProxy to the other proxy: {retried}")  # fmt: skip
+        password = (fleet / "pg.dsn").read_text().split(":")[2].split("@")[0]
+        for path in fleet.glob("*.log"):
+            assert password not in path.read_text(), f"{path} shows the database password"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _traffic_with_a_kill(client: Client, pidfile: Path) -> dict:
+    """Eight concurrent encrypt+decrypt loops; SIGKILL proxy 2 after one second, then two more seconds."""
+    failures: list = []
+    done = {"n": 0}
+    stop_at = [time.monotonic() + 60]
+
+    async def loop(worker: int) -> None:
+        i = 0
+        while time.monotonic() < stop_at[0]:
+            plaintext = b"w%d-%d" % (worker, i)
+            try:
+                status, enc = await client.encrypt("foo", plaintext)
+                if status != 200:
+                    failures.append(("encrypt", status, enc))
+                    continue
+                status, body = await client.decrypt("foo", enc)
+                if status != 200 or unb64(body["plaintext"]) != plaintext:
+                    failures.append(("decrypt", status, body))
+            except Exception as exc:  # a dropped connection is a failure too
+                failures.append(("error", repr(exc)))
+            done["n"] += 2
+            i += 1
+
+    loops = [asyncio.create_task(loop(w)) for w in range(8)]
+    await asyncio.sleep(1.0)
+    before = done["n"]
+    os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    killed = done["n"]
+    stop_at[0] = time.monotonic() + 2.0
+    await asyncio.gather(*loops)
+    return {"failures": failures, "before": before, "after": done["n"] - killed}
