@@ -357,6 +357,12 @@ class VaultKeyManager(KeyManager):
             raise InvalidCiphertextException("ciphertextMetadata names a key version this key does not have")
         return material.decrypt(iv, ciphertext, tag, aad, metadata)
 
+    def key_version(self, metadata: bytes | None) -> int | None:
+        try:
+            return decode_metadata(metadata)
+        except InvalidCiphertextException:
+            return None
+
     async def health(self) -> list[EkmHealth]:
         state = HealthState.ACTIVE if self._last_refresh_ok else HealthState.DEGRADED
         try:

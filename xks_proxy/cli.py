@@ -68,11 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     _serve_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
-    stores = sub.add_parser("stores", help="logical key stores").add_subparsers(metavar="ACTION")
-    export = stores.add_parser("export", parents=[common], help="print the KMS proxy configuration file")
-    export.add_argument("prefix", nargs="?", help="the store's URI prefix (default: the only store)")
-    export.set_defaults(func=cmd_stores_export)
-
     keys = sub.add_parser("keys", help="keys in the key manager").add_subparsers(metavar="ACTION")
     store_arg = argparse.ArgumentParser(add_help=False, parents=[common])
     store_arg.add_argument("--store", help="the key store's URI prefix (needed when there are several)")
@@ -177,28 +172,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-# --- stores ------------------------------------------------------------------------------------
-
-
-def cmd_stores_export(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = config.store(args.prefix)
-    credential = store.credentials[-1]  # the newest
-    print(
-        json.dumps(
-            {
-                "XksProxyUriPath": store.uri_path,
-                "XksProxyAuthenticationCredential": {
-                    "AccessKeyId": credential.access_key_id,
-                    "RawSecretAccessKey": credential.secret,
-                },
-            },
-            indent=2,
-        )
-    )
-    return 0
-
-
 # --- keys ----------------------------------------------------------------------------------------
 
 
@@ -287,7 +260,16 @@ def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.set_defaults(func=conformance.run)
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [_conformance]
+def _stores_and_credentials(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import stores_cli
+
+    stores_cli.register(sub, common)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
+    _conformance,
+    _stores_and_credentials,
+]
 
 
 if __name__ == "__main__":

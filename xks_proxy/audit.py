@@ -1,0 +1,97 @@
+"""The audit log: one JSON object per line, to a file with size-based rotation.
+
+Every XKS request writes one record (the server builds it: who asked, for which key, what
+happened, how long it took; never data or secrets). Other parts of the proxy (the admin API)
+record their actions with `audit({...})`.
+
+Records go to the logger "xks_proxy.audit", which does not propagate to the server log. The
+file is written by a QueueListener thread: the event loop only puts a record on a queue, so a
+slow disk never stalls a request. The file and its rotated copies are 0600.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import queue
+import time
+from typing import Any
+
+import orjson
+
+from xks_proxy.config import AuditConfig
+
+logger = logging.getLogger("xks_proxy.audit")
+logger.propagate = False
+logger.setLevel(logging.INFO)
+
+#: Caller-supplied strings are cut to this length so a huge field cannot bloat the log.
+MAX_FIELD = 2048
+
+
+def audit(event: dict[str, Any]) -> None:
+    """Write one audit record. Adds `time` (UTC, ISO 8601, milliseconds) unless the event has one."""
+    if not logger.handlers:
+        return
+    if "time" not in event:
+        event = {"time": now_iso(), **event}
+    write_line(orjson.dumps(event).decode())
+
+
+def write_line(line: str) -> None:
+    """Write an already-serialized record (the server's hot path serializes once for two logs)."""
+    if logger.handlers:
+        logger.info("%s", line)
+
+
+def now_iso() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Creates the log and every rotated file owner-only, whatever the umask."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
+class AuditLog:
+    """The configured audit sink; `close()` flushes it (the runner calls it at shutdown)."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        self._listener: logging.handlers.QueueListener | None = None
+        self._handler: logging.Handler | None = None
+        if config.path is None:
+            return
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = _PrivateRotatingFileHandler(
+            config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8"
+        )
+        file_handler.setFormatter(logging.Formatter("%(message)s"))
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._listener = logging.handlers.QueueListener(records, file_handler)
+        self._handler = logging.handlers.QueueHandler(records)
+        self._listener.start()
+        logger.addHandler(self._handler)
+
+    @property
+    def enabled(self) -> bool:
+        return self._handler is not None
+
+    def close(self) -> None:
+        if self._handler is not None:
+            logger.removeHandler(self._handler)
+            self._handler = None
+        if self._listener is not None:
+            self._listener.stop()
+            for handler in self._listener.handlers:
+                handler.close()
+            self._listener = None
