@@ -29,10 +29,16 @@ logger.setLevel(logging.INFO)
 #: Caller-supplied strings are cut to this length so a huge field cannot bloat the log.
 MAX_FIELD = 2048
 
+_sinks = 0  # open AuditLogs; records are built only when there is somewhere to put them
+
+
+def enabled() -> bool:
+    return _sinks > 0
+
 
 def audit(event: dict[str, Any]) -> None:
     """Write one audit record. Adds `time` (UTC, ISO 8601, milliseconds) unless the event has one."""
-    if not logger.handlers:
+    if not _sinks:
         return
     if "time" not in event:
         event = {"time": now_iso(), **event}
@@ -41,7 +47,7 @@ def audit(event: dict[str, Any]) -> None:
 
 def write_line(line: str) -> None:
     """Write an already-serialized record (the server's hot path serializes once for two logs)."""
-    if logger.handlers:
+    if _sinks:
         logger.info("%s", line)
 
 
@@ -81,15 +87,19 @@ class AuditLog:
         self._handler = logging.handlers.QueueHandler(records)
         self._listener.start()
         logger.addHandler(self._handler)
+        global _sinks
+        _sinks += 1
 
     @property
     def enabled(self) -> bool:
         return self._handler is not None
 
     def close(self) -> None:
+        global _sinks
         if self._handler is not None:
             logger.removeHandler(self._handler)
             self._handler = None
+            _sinks -= 1
         if self._listener is not None:
             self._listener.stop()
             for handler in self._listener.handlers:

@@ -253,7 +253,7 @@ class XksServer:
         seconds = time.perf_counter() - started
         result = outcome.error or "OK"
         self.metrics.request(outcome.store, outcome.operation, result, seconds)
-        if not (audit.logger.handlers or access_log.isEnabledFor(logging.INFO)):
+        if not (audit.enabled() or access_log.isEnabledFor(logging.INFO)):
             return
         meta = outcome.meta
         clip = audit.clip
