@@ -10,7 +10,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Home, metadata
-from tests.proxy import KMS_NAME, Pki, client_for, edit_config, eventually, running
+from tests.proxy import Pki, client_for, edit_config, eventually, running
 
 
 async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -67,6 +67,8 @@ async def start(
             in_flight=lambda: server.throttle.in_flight if server else 0,
             cert_expiry=lambda: tls.expiry() if tls else {},
         )
+    if plain_http and config.tls.client_ca is not None:
+        log.warning("tls.client_ca is set but serving plain HTTP: client certificates are the balancer's job now")
     if not plain_http:
         try:
             tls = TlsManager(config, metrics)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from xks_proxy import config as configmod
-from xks_proxy.config import ACCESS_KEY_RE, REGION_RE, SECRET_RE, Config, ConfigError, validate_prefix
+from xks_proxy.config import ACCESS_KEY_RE, REGION_RE, SECRET_RE, Config, validate_prefix
 from xks_proxy.home import new_access_key_id, new_secret, sealed_credential, write_config
 
 EXIT_REFUSED = 1
