@@ -90,7 +90,7 @@ async def test_serve_over_mtls_and_reload_on_sighup(home: Home, tmp_path: Path) 
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(home.path), "--port", "0"],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True,
         )
     try:
         port = int((await asyncio.to_thread(_wait_for_line, log, r"serving https://127\.0\.0\.1:(\d+)"))[1])
@@ -116,8 +116,8 @@ async def test_serve_over_mtls_and_reload_on_sighup(home: Home, tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed test: stop the supervisor and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log.read_text()
     assert "configuration reloaded" in text and "Traceback" not in text

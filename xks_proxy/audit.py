@@ -7,6 +7,10 @@ record their actions with `audit({...})`.
 Records go to the logger "xks_proxy.audit", which does not propagate to the server log. The
 file is written by a QueueListener thread: the event loop only puts a record on a queue, so a
 slow disk never stalls a request. The file and its rotated copies are 0600.
+
+With several worker processes, rotating one file from many processes would lose records, so
+workers forward each record as one datagram to the supervisor's sidecar, the only writer of
+the file (`AuditLog(config, forward_to=socket)` in a worker, `file_handler` in the sidecar).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import socket
 import time
 from typing import Any
 
@@ -69,21 +74,40 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return stream
 
 
+def file_handler(config: AuditConfig) -> logging.Handler:
+    """The audit file with size-based rotation (for the one process that writes it)."""
+    assert config.path is not None
+    config.path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _PrivateRotatingFileHandler(config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+class _Forward(logging.Handler):
+    """Sends each record as one datagram to the sidecar (blocking, but in the listener thread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._sock.send(record.getMessage().encode())
+        except Exception:
+            self.handleError(record)
+
+
 class AuditLog:
     """The configured audit sink; `close()` flushes it (the runner calls it at shutdown)."""
 
-    def __init__(self, config: AuditConfig) -> None:
+    def __init__(self, config: AuditConfig, forward_to: socket.socket | None = None) -> None:
         self._listener: logging.handlers.QueueListener | None = None
         self._handler: logging.Handler | None = None
         if config.path is None:
             return
-        config.path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = _PrivateRotatingFileHandler(
-            config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8"
-        )
-        file_handler.setFormatter(logging.Formatter("%(message)s"))
+        target = _Forward(forward_to) if forward_to is not None else file_handler(config)
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._listener = logging.handlers.QueueListener(records, file_handler)
+        self._listener = logging.handlers.QueueListener(records, target)
         self._handler = logging.handlers.QueueHandler(records)
         self._listener.start()
         logger.addHandler(self._handler)

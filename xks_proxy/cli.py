@@ -95,6 +95,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default: from config)")
     parser.add_argument("--port", type=int, help="port to listen on (default: from config)")
     parser.add_argument("--http", action="store_true", help="plain HTTP, for use behind a TLS-terminating load balancer")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes sharing the port (default: one per core)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -125,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _setup_logging(args.log_level)
-    return serve(config, host=args.host, port=args.port, plain_http=args.http)
+    return serve(config, host=args.host, port=args.port, plain_http=args.http, workers=args.workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -161,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     _setup_logging(args.log_level)
-    return serve(config, host=args.host, port=port, plain_http=args.http)
+    return serve(config, host=args.host, port=port, plain_http=args.http, workers=args.workers)
 
 
 def _setup_logging(level: str) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,18 @@ def load_tls(files: TlsFiles) -> LoadedTls:
             label = "client_ca:" + _common_name(ca)
             expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
     return LoadedTls(context=ctx, mutual=files.client_ca is not None, expiry=expiry)
+
+
+def expiry_of_files(files: TlsFiles) -> dict[str, float]:
+    """Certificate expiry read from the files (the sidecar's view; workers serve what they loaded)."""
+    try:
+        expiry = {"server": _first_cert(files.cert, "server.tls_cert").not_valid_after_utc.timestamp()}
+        for ca in _certs(files.client_ca, "tls.client_ca") if files.client_ca else []:
+            label = "client_ca:" + _common_name(ca)
+            expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
+        return expiry
+    except TlsError:
+        return {}
 
 
 def _certs(path: Path, what: str) -> list[x509.Certificate]:
@@ -264,12 +277,19 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 
 
 class TlsSite(web.BaseSite):
-    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring)."""
+    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring).
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, tls: TlsManager, backlog: int = 512) -> None:
-        super().__init__(runner, backlog=backlog)
+    Listens on `sock` when given (a socket the supervisor bound and shares with its workers),
+    else binds `host`:`port` itself.
+    """
+
+    def __init__(
+        self, runner: web.BaseRunner, tls: TlsManager, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+    ) -> None:
+        super().__init__(runner, backlog=2048)
         self._host = host
         self._port = port
+        self._sock = sock
         self._tls = tls
 
     @property
@@ -287,10 +307,5 @@ class TlsSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         http = self._runner.server
         assert http is not None
-        self._server = await loop.create_server(
-            lambda: _TlsConnection(self._tls, http, loop),
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=True,
-        )
+        where: dict[str, Any] = {"sock": self._sock} if self._sock else {"host": self._host, "port": self._port, "reuse_address": True}
+        self._server = await loop.create_server(lambda: _TlsConnection(self._tls, http, loop), backlog=self._backlog, **where)

@@ -1,15 +1,28 @@
-"""Running the server process: key manager, app, HTTPS listener, metrics, audit and reload.
+"""Running the server: one process, or a supervisor with N pre-forked workers on one socket.
 
-`start()` brings everything up on the running event loop and returns a handle (tests use it
-directly, so they exercise the same code path as production); `serve()` runs it until SIGINT
-or SIGTERM, and reloads configuration and TLS files on SIGHUP.
+`start()` brings one worker up on the running event loop (key manager, app, HTTPS listener
+with mutual TLS, config and TLS reload, audit, metrics) and returns a handle; tests call it
+directly, so they exercise the same code as production. `serve()` binds the socket and runs
+one worker in-process, or supervises several.
+
+With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
+build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
+fork), restarts a worker that dies, passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on
+for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
+reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
+process (sidecar.py) writes the one audit file and serves the metrics of all workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import socket
+import tempfile
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -17,7 +30,7 @@ from aiohttp import web
 from keymanager import create_key_manager
 from xks_proxy.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
-from xks_proxy.metrics import Metrics, NoMetrics
+from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
 from xks_proxy.mtls import TlsError, TlsManager, TlsSite
 from xks_proxy.reload import Reloader
 from xks_proxy.server import XksServer
@@ -25,9 +38,17 @@ from xks_proxy.server import XksServer
 log = logging.getLogger("xks_proxy")
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What a worker gets from its supervisor: its share of the limits, where audit records go."""
+
+    workers: int
+    audit_socket: socket.socket | None
+
+
 @dataclass
 class Running:
-    """A started proxy: its ports and what `close()` must stop."""
+    """A started worker: its ports and what `close()` must stop."""
 
     server: XksServer
     port: int
@@ -55,18 +76,14 @@ async def start(
     port: int | None = None,
     plain_http: bool = False,
     reload_interval: float = 0.5,
+    sock: socket.socket | None = None,
+    shared: Shared | None = None,
 ) -> Running:
-    """Bind and serve in the background. Raises ConfigError for a certificate that cannot serve."""
+    """Serve in the background on `sock` (or bind host:port). Raises ConfigError for a certificate that cannot serve."""
     host = host or config.server.host
     port = config.server.port if port is None else port
+    metrics = Metrics() if config.metrics.enabled else NoMetrics()
     tls: TlsManager | None = None
-    server: XksServer | None = None
-    metrics: NoMetrics = NoMetrics()
-    if config.metrics.enabled:
-        metrics = Metrics(
-            in_flight=lambda: server.throttle.in_flight if server else 0,
-            cert_expiry=lambda: tls.expiry() if tls else {},
-        )
     if plain_http and config.tls.client_ca is not None:
         log.warning("tls.client_ca is set but serving plain HTTP: client certificates are the balancer's job now")
     if not plain_http:
@@ -74,34 +91,31 @@ async def start(
             tls = TlsManager(config, metrics)
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
-    audit_log = AuditLog(config.audit)
-    server = XksServer(config, create_key_manager(config), metrics)
-    running = Running(server=server, port=port, tls=tls, reloader=Reloader(config, server.apply_config, tls, metrics, reload_interval))
-    running._audit = audit_log
+    audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
+    server = XksServer(config, create_key_manager(config), metrics, workers=shared.workers if shared else 1)
+    reloader = Reloader(config, server.apply_config, tls, metrics, reload_interval)
+    running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
     try:
         runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=10)
         await runner.setup()
         running._runners.append(runner)
-        if tls is not None:
-            site: web.BaseSite = TlsSite(runner, host, port, tls)
-            await site.start()
-            running.port = site.port  # type: ignore[attr-defined]
-        else:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            running.port = runner.addresses[0][1]
+        site = TlsSite(runner, tls, host, port, sock) if tls else (web.SockSite(runner, sock) if sock else web.TCPSite(runner, host, port))
+        await site.start()
+        running.port = sock.getsockname()[1] if sock else (site.port if isinstance(site, TlsSite) else runner.addresses[0][1])
         if isinstance(metrics, Metrics):
-            running.metrics_port = await _start_metrics(running, metrics, config)
             running._tasks.append(asyncio.create_task(metrics.watch_health(server.key_manager)))
-        running.reloader.start()
+            if shared is None:  # one process serves its own metrics; workers' are served by the sidecar
+                running.metrics_port = await _serve_metrics(running, metrics, config)
+        reloader.start()
     except BaseException:
         await running.close()
         raise
     return running
 
 
-async def _start_metrics(running: Running, metrics: Metrics, config: Config) -> int:
-    runner = web.AppRunner(metrics.app(), access_log=None)
+async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> int:
+    registry = with_cert_expiry(metrics.registry, lambda: running.tls.expiry() if running.tls else {})
+    runner = web.AppRunner(exposition_app(registry), access_log=None)
     await runner.setup()
     running._runners.append(runner)
     await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
@@ -110,24 +124,145 @@ async def _start_metrics(running: Running, metrics: Metrics, config: Config) -> 
     return port
 
 
-def serve(config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False) -> int:
-    """Serve until SIGINT/SIGTERM. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
-    return asyncio.run(_serve(config, host, port, plain_http))
+# --- processes -----------------------------------------------------------------------------------
 
 
-async def _serve(config: Config, host: str | None, port: int | None, plain_http: bool) -> int:
-    running = await start(config, host, port, plain_http)
+def serve(
+    config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1
+) -> int:
+    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    if not plain_http:
+        try:
+            TlsManager(config, NoMetrics())  # refuse to start on a certificate that cannot serve
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+    sock = _listen(host, port)
+    scheme = "http" if plain_http else "https"
+    stores = ", ".join(s.uri_path for s in config.stores)
+    log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a handler is in place, a reload signal must not kill
+    if workers <= 1:
+        asyncio.run(_serve_worker(config, sock, plain_http, None))
+        return 0
+    return _supervise(config, sock, plain_http, workers)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve_worker(config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None) -> None:
+    running = await start(config, plain_http=plain_http, sock=sock, shared=shared)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, running.reloader.trigger)
-    scheme = "http" if plain_http else "https"
-    stores = ", ".join(s.uri_path for s in config.stores)
-    log.info("serving %s://%s:%d for stores %s", scheme, host or config.server.host, running.port, stores)
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
         await running.close()
+
+
+def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int) -> int:
+    audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
+    metrics_sock = _listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
+    metrics_dir = None
+    if metrics_sock is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the children
+        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
+    shared = Shared(workers=workers, audit_socket=audit_tx)
+    children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
+    stopping = False
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+    def spawn(slot: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
+        try:
+            pid = os.fork()
+            if pid == 0:
+                child(slot)
+            children[pid] = slot
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+    def child(slot: int) -> None:
+        """Never returns."""
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+            if slot < 0:
+                from xks_proxy import sidecar
+
+                sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http)
+            else:
+                asyncio.run(_serve_worker(config, sock, plain_http, shared))
+        finally:
+            os._exit(0)
+
+    def signal_workers(signum: int) -> None:
+        for pid, slot in list(children.items()):
+            if slot >= 0:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        signal_workers(signal.SIGTERM)
+        if not any(slot >= 0 for slot in children.values()):
+            stop_sidecar()
+
+    def stop_sidecar() -> None:
+        """Once the workers are gone, the sidecar writes what is left of the audit records and stops."""
+        for pid, slot in list(children.items()):
+            if slot < 0:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
+    if audit_rx is not None or metrics_sock is not None:
+        spawn(-1)
+    for slot in range(workers):
+        if not stopping:
+            spawn(slot)
+    try:
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            slot = children.pop(pid, None)
+            if metrics_dir is not None:
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(pid, metrics_dir)
+            if slot is None:
+                continue
+            if stopping and not any(s >= 0 for s in children.values()):
+                stop_sidecar()
+            elif not stopping:
+                log.error("%s %d exited (status %d); starting a new one", "sidecar" if slot < 0 else "worker", pid, status)
+                time.sleep(0.5)  # no hot crash loop
+                spawn(slot)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

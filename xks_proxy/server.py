@@ -68,12 +68,12 @@ class StoreTable:
 
 
 class XksServer:
-    def __init__(self, config: Config, key_manager: KeyManager, metrics: NoMetrics | None = None) -> None:
+    def __init__(self, config: Config, key_manager: KeyManager, metrics: NoMetrics | None = None, workers: int = 1) -> None:
         self.config = config
         self.key_manager = key_manager
         self.stores = StoreTable(config.stores)
         self.metrics = metrics or NoMetrics()
-        self.throttle = Throttle(config)
+        self.throttle = Throttle(config, workers)
         self._handlers: dict[str, Callable[[Store, str | None, dict[str, Any], Outcome], Awaitable[dict[str, Any]]]] = {
             "health": self._health,
             "metadata": self._metadata,

@@ -7,6 +7,7 @@ region, service) is cached: it changes once a day per credential, not per reques
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import hmac
 import re
@@ -23,13 +24,15 @@ ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "kms-xks-proxy"
 MAX_SKEW_SECONDS = 300
 
+_NAME = r"[a-z0-9!#$%&'*+.^_`|~\-]+"  # a lower-case HTTP token
 _AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256\s+"
     r"Credential=(?P<akid>[^/,\s]+)/(?P<date>\d{8})/(?P<region>[^/,\s]+)/(?P<service>[^/,\s]+)/aws4_request\s*,\s*"
-    r"SignedHeaders=(?P<signed>[a-z0-9\-;]+)\s*,\s*"
-    r"Signature=(?P<signature>[0-9a-f]{64})\s*$"
+    rf"SignedHeaders=(?P<signed>{_NAME}(?:;{_NAME})*)\s*,\s*"
+    r"Signature=(?P<signature>[0-9a-f]{64})\s*$",
+    re.ASCII,
 )
-_SPACES = re.compile(r"\s+")
+_AMZ_DATE = re.compile(r"(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +78,28 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 def canonical_uri(path: str) -> str:
-    """Non-S3 services encode each path segment twice; XKS paths are plain ASCII, so this is cheap."""
-    return quote(quote(path, safe="/~"), safe="/~") if path else "/"
+    """The canonical URI of a request path as sent on the wire (already percent-encoded once).
+
+    botocore's rule for every service but S3: drop empty and "." segments, let ".." drop the
+    segment before it, keep a leading and a trailing "/", then percent-encode once more (which
+    makes "twice" of the unencoded path). XKS paths are plain ASCII, so `quote` takes its fast
+    path. Note that the signature therefore covers the normalised path, not the raw one: the
+    router must not treat paths that normalise alike as the same resource (it matches exactly).
+    """
+    if not path:
+        return "/"
+    if "//" in path or "/." in path or path[0] == ".":
+        segments: list[str] = []
+        for segment in path.split("/"):
+            if segment == "..":
+                if segments:
+                    segments.pop()
+            elif segment and segment != ".":
+                segments.append(segment)
+        lead = "/" if path[0] == "/" else ""
+        trail = "/" if path[-1] == "/" and segments else ""
+        path = lead + "/".join(segments) + trail
+    return quote(path, safe="/~")
 
 
 def canonical_query(query: Iterable[tuple[str, str]]) -> str:
@@ -90,7 +113,8 @@ def canonical_headers(headers: Mapping[str, list[str]], names: Iterable[str]) ->
         values = headers.get(name)
         if values is None:
             raise AuthenticationFailedException(f"signed header {name} is missing from the request")
-        lines.append(name + ":" + ",".join(_SPACES.sub(" ", v.strip()) for v in values) + "\n")
+        # Trim, and collapse runs of whitespace to one space (str.split, exactly as botocore).
+        lines.append(name + ":" + ",".join(" ".join(v.split()) for v in values) + "\n")
     return "".join(lines)
 
 
@@ -106,7 +130,7 @@ def string_to_sign(
 ) -> str:
     request = "\n".join(
         (
-            method,
+            method.upper(),
             canonical_uri(path),
             canonical_query(query),
             canonical_headers(headers, signed_headers),
@@ -120,11 +144,15 @@ def string_to_sign(
 def parse_amz_date(value: str | None) -> float:
     if not value:
         raise AuthenticationFailedException("missing X-Amz-Date header")
+    match = _AMZ_DATE.fullmatch(value)
     try:
-        moment = datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        if match is None:
+            raise ValueError
+        fields = tuple(map(int, match.groups()))
+        datetime(*fields)  # range checks (month 13, Feb 30, hour 24, ...)
     except ValueError:
         raise AuthenticationFailedException("X-Amz-Date is not in the form YYYYMMDDTHHMMSSZ") from None
-    return moment.timestamp()
+    return float(calendar.timegm(fields))
 
 
 def verify(
@@ -143,7 +171,7 @@ def verify(
     `lookup_secret` returns the secret for an access key id of the store the path names, or
     None when that store has no such credential. Raises AuthenticationFailedException.
     """
-    auth = parse_authorization(_first(headers, "authorization"))
+    auth = parse_authorization(_only(headers, "authorization"))
     if auth.service != SERVICE:
         raise AuthenticationFailedException(f"credential scope names service {auth.service!r}, expected {SERVICE!r}")
     if auth.region not in regions:
@@ -152,7 +180,7 @@ def verify(
         raise AuthenticationFailedException("SignedHeaders must include host and x-amz-date")
     if list(auth.signed_headers) != sorted(set(auth.signed_headers)):
         raise AuthenticationFailedException("SignedHeaders must be sorted and unique")
-    amz_date = _first(headers, "x-amz-date")
+    amz_date = _only(headers, "x-amz-date")
     moment = parse_amz_date(amz_date)
     if abs((time.time() if now is None else now) - moment) > MAX_SKEW_SECONDS:
         raise AuthenticationFailedException("request time is more than 5 minutes from server time")
@@ -162,7 +190,7 @@ def verify(
     if secret is None:
         raise AuthenticationFailedException(f"access key id {auth.access_key_id} is not known to this key store")
     body_sha256 = hashlib.sha256(body).hexdigest()
-    declared = _first(headers, "x-amz-content-sha256")
+    declared = _only(headers, "x-amz-content-sha256")
     if declared is not None and declared != body_sha256:
         raise AuthenticationFailedException("X-Amz-Content-Sha256 does not match the body")
     scope = f"{auth.date}/{auth.region}/{auth.service}/aws4_request"
@@ -174,9 +202,14 @@ def verify(
     return auth
 
 
-def _first(headers: Mapping[str, list[str]], name: str) -> str | None:
+def _only(headers: Mapping[str, list[str]], name: str) -> str | None:
+    """The value of a header that must appear at most once; a repeated one is refused, not guessed at."""
     values = headers.get(name)
-    return values[0] if values else None
+    if not values:
+        return None
+    if len(values) > 1:
+        raise AuthenticationFailedException(f"{name} header appears more than once")
+    return values[0]
 
 
 def sign(

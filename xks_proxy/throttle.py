@@ -8,10 +8,15 @@ The quota is a token bucket per store, charged only after the signature verified
 without a store's credential can use up its quota). The in-flight cap protects the process and
 counts every API request from routing to the answer. Everything runs on the event loop thread:
 plain integers and floats, no locks.
+
+With several worker processes each worker holds 1/N of every limit (rate, burst and in-flight
+cap, rounded up), so the proxy as a whole keeps to the configured numbers as long as the
+kernel spreads connections evenly, which it does for a client with many connections, as KMS.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from xks_proxy.config import Config, Quota
@@ -39,22 +44,24 @@ class TokenBucket:
 class Throttle:
     """Admission control for the XKS server. `configure` swaps settings in on reload."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, workers: int = 1) -> None:
         self.in_flight = 0
         self.max_in_flight = 0
+        self._workers = max(1, workers)
         self._buckets: dict[str, TokenBucket] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Apply new limits. A store whose quota did not change keeps its bucket (and its debt)."""
-        self.max_in_flight = config.throttle.max_in_flight
+        self.max_in_flight = math.ceil(config.throttle.max_in_flight / self._workers)
         buckets: dict[str, TokenBucket] = {}
         for store in config.stores:
             if store.quota.rate <= 0:
                 continue
+            quota = Quota(store.quota.rate / self._workers, math.ceil(store.quota.burst / self._workers))
             old = self._buckets.get(store.prefix)
-            same = old is not None and old.rate == store.quota.rate and old.burst == store.quota.burst
-            buckets[store.prefix] = old if same and old is not None else TokenBucket(store.quota)
+            same = old is not None and old.rate == quota.rate and old.burst == quota.burst
+            buckets[store.prefix] = old if same and old is not None else TokenBucket(quota)
         self._buckets = buckets
 
     def enter(self) -> bool:
