@@ -17,6 +17,7 @@ import asyncio
 import logging
 import sqlite3
 import struct
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -269,6 +270,9 @@ class VaultKeyManager(KeyManager):
         self._master = master_key
         self._refresh_seconds = refresh_seconds
         self._db: VaultDB | None = None
+        # A refresh runs in a worker thread that cancelling `_watch` does not stop; the connection
+        # is closed only under this lock, never under a query (that crashes the process).
+        self._db_lock = threading.Lock()
         self._keys: dict[tuple[str, str], LoadedKey] = {}
         self._generation = -1
         self._task: asyncio.Task[None] | None = None
@@ -291,8 +295,13 @@ class VaultKeyManager(KeyManager):
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._db:
-            self._db.close()
+        await asyncio.to_thread(self._close_db)
+
+    def _close_db(self) -> None:
+        with self._db_lock:
+            if self._db:
+                self._db.close()
+                self._db = None
 
     async def _watch(self) -> None:
         while True:
@@ -306,10 +315,12 @@ class VaultKeyManager(KeyManager):
                 self._last_refresh_ok = False
 
     def _refresh(self) -> None:
-        assert self._db is not None
-        if self._db.generation() != self._generation:
-            self._generation, self._keys = self._db.load()
-            log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
+        with self._db_lock:
+            if self._db is None:
+                return
+            if self._db.generation() != self._generation:
+                self._generation, self._keys = self._db.load()
+                log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
 
     def _key(self, store: str, key_id: str) -> LoadedKey:
         key = self._keys.get((store, key_id))
