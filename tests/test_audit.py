@@ -184,3 +184,12 @@ def test_audit_helper_for_other_components(tmp_path) -> None:  # type: ignore[no
     record = json.loads(line)
     assert list(record)[:2] == ["time", "event"] and record["event"] == "admin.key.disable"
     assert record["time"].endswith("Z") and record["actor"] == "ops@bank.example"
+
+
+async def test_unwritable_audit_file_stops_the_start(home: Home) -> None:
+    from xks_proxy.config import ConfigError
+    from xks_proxy.runner import start
+
+    edit_config(home.path, lambda raw: raw.update(audit={"path": "config.toml/audit.log"}))  # its "directory" is a file
+    with pytest.raises(ConfigError, match="audit.path: cannot write"):
+        await start(home.config, port=0, plain_http=True)

@@ -9,6 +9,7 @@ import ssl
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.certs import CA
 from tests.conftest import Home, unb64
@@ -188,7 +189,19 @@ async def test_client_ca_rotation_drops_the_old_ca(home: Home, pki: Pki) -> None
         assert not await accepted(pki.kms), "a CA removed from the bundle is no longer trusted"
 
 
-async def test_unservable_certificate_stops_the_start(home: Home, pki: Pki) -> None:
-    (home.path / "server-key.pem").write_bytes(pki.server_ca.leaf(client=False).key_pem)
-    with pytest.raises(ConfigError, match="server certificate"):
+def _encrypted(key_pem: bytes) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, None)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"passphrase")
+    )
+
+
+@pytest.mark.parametrize("problem", ["key of another certificate", "encrypted key"])
+async def test_unservable_certificate_stops_the_start(home: Home, pki: Pki, problem: str) -> None:
+    key_path = home.path / "server-key.pem"
+    if problem == "encrypted key":
+        key_path.write_bytes(_encrypted(key_path.read_bytes()))
+    else:
+        key_path.write_bytes(pki.server_ca.leaf(client=False).key_pem)
+    with pytest.raises(ConfigError, match="encrypted" if problem == "encrypted key" else "server certificate"):
         await start(configmod.load(home.path), port=0)

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from xks_proxy.config import AuditConfig
+from xks_proxy.config import AuditConfig, ConfigError
 
 logger = logging.getLogger("xks_proxy.audit")
 logger.propagate = False
@@ -77,8 +77,11 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 def file_handler(config: AuditConfig) -> logging.Handler:
     """The audit file with size-based rotation (for the one process that writes it)."""
     assert config.path is not None
-    config.path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _PrivateRotatingFileHandler(config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
+    try:
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _PrivateRotatingFileHandler(config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"audit.path: cannot write {config.path}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 

@@ -55,6 +55,10 @@ class Quota:
     burst: int = 0
 
 
+#: KMS sends at most 1,800 requests per second to a key store (its default quota).
+DEFAULT_QUOTA = Quota(rate=1800.0, burst=1800)
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     """A logical key store: one URI prefix, its regions, SigV4 credentials, policy and quota."""
@@ -183,7 +187,7 @@ def from_raw(home: Path, raw: dict[str, Any]) -> Config:
     """Validate a parsed document into a Config (also used to check an edit before writing it)."""
     master_key = _master_key(home, _table(raw, "master_key"))
     throttle_table = _table(raw, "throttle")
-    stores = _stores(raw.get("stores"), master_key, _quota(throttle_table, "throttle", Quota(1800.0, 1800)))
+    stores = _stores(raw.get("stores"), master_key, _quota(throttle_table, "throttle", DEFAULT_QUOTA))
     return Config(
         home=home,
         server=_server(home, _table(raw, "server")),
@@ -270,10 +274,12 @@ def _tls(home: Path, table: dict[str, Any], stores: tuple[Store, ...]) -> TlsCon
 
 
 def _quota(table: dict[str, Any], where: str, default: Quota) -> Quota:
+    """A token bucket; a rate given without a burst admits one second's worth at once."""
     rate = _get(table, f"{where}.rate", "rate", float, default.rate)
     if not 0 <= rate <= 1e6:
         raise ConfigError(f"{where}.rate: must be between 0 (no quota) and 1000000 requests per second")
-    burst = _int_range(table, f"{where}.burst", "burst", max(1, int(rate)) if "rate" in table else default.burst, 0, 10_000_000)
+    default_burst = max(1, int(rate)) if "rate" in table else default.burst
+    burst = _int_range(table, f"{where}.burst", "burst", default_burst, 0, 10_000_000)
     if rate > 0 and burst < 1:
         raise ConfigError(f"{where}.burst: must be at least 1 when a rate is set")
     return Quota(rate=rate, burst=burst)
@@ -379,17 +385,33 @@ def _stores(raw: Any, master_key: MasterKey, default_quota: Quota) -> tuple[Stor
             if not REGION_RE.match(region):
                 raise ConfigError(f"{where}.regions: {region!r} is not an AWS region name")
         creds = _credentials(table.get("credentials"), f"{where}.credentials", master_key, seen_keys)
-        try:
-            policy = compile_policy(table.get("policy", []), f"{where}.policy")
-        except PolicyError as exc:
-            raise ConfigError(str(exc)) from None
-        throttle = table.get("throttle", {})
-        if not isinstance(throttle, dict):
-            raise ConfigError(f"{where}.throttle: must be a table")
-        _only(throttle, f"{where}.throttle", ("rate", "burst"))
-        quota = _quota(throttle, f"{where}.throttle", default_quota)
-        stores.append(Store(prefix=prefix, regions=frozenset(regions), credentials=creds, policy=policy, quota=quota))
+        stores.append(
+            Store(
+                prefix=prefix,
+                regions=frozenset(regions),
+                credentials=creds,
+                policy=_policy(table, where),
+                quota=_store_quota(table, where, default_quota),
+            )
+        )
     return tuple(stores)
+
+
+def _policy(table: dict[str, Any], where: str) -> Policy:
+    """`[[stores.policy]]` rules, compiled (see policy.py and docs/access-control.md)."""
+    try:
+        return compile_policy(table.get("policy", []), f"{where}.policy")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _store_quota(table: dict[str, Any], where: str, default: Quota) -> Quota:
+    """`[stores.throttle]`: this store's rate and burst, else the `[throttle]` defaults."""
+    throttle = table.get("throttle", {})
+    if not isinstance(throttle, dict):
+        raise ConfigError(f"{where}.throttle: must be a table")
+    _only(throttle, f"{where}.throttle", ("rate", "burst"))
+    return _quota(throttle, f"{where}.throttle", default)
 
 
 def _credentials(raw: Any, where: str, master_key: MasterKey, seen: set[str]) -> tuple[Credential, ...]:

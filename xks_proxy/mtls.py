@@ -82,7 +82,7 @@ def load_tls(files: TlsFiles) -> LoadedTls:
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     leaf = _first_cert(files.cert, "server.tls_cert")
     try:
-        ctx.load_cert_chain(files.cert, files.key)
+        ctx.load_cert_chain(files.cert, files.key, password=_no_password)
     except (ssl.SSLError, OSError) as exc:
         raise TlsError(f"server certificate {files.cert} / key {files.key}: {_reason(exc)}") from None
     _check_valid(leaf, f"server certificate {files.cert}")
@@ -94,19 +94,29 @@ def load_tls(files: TlsFiles) -> LoadedTls:
         except (ssl.SSLError, OSError) as exc:
             raise TlsError(f"client CA bundle {files.client_ca}: {_reason(exc)}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
-        for ca in cas:
-            label = "client_ca:" + _common_name(ca)
-            expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
+        expiry.update(_ca_expiry(cas))
     return LoadedTls(context=ctx, mutual=files.client_ca is not None, expiry=expiry)
+
+
+def _no_password() -> str:
+    """Without this, OpenSSL would ask for a passphrase on the terminal and block the server."""
+    raise TlsError("the private key is encrypted; give the proxy an unencrypted key file only it can read")
+
+
+def _ca_expiry(cas: list[x509.Certificate]) -> dict[str, float]:
+    expiry: dict[str, float] = {}
+    for ca in cas:
+        label = "client_ca:" + _common_name(ca)
+        expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
+    return expiry
 
 
 def expiry_of_files(files: TlsFiles) -> dict[str, float]:
     """Certificate expiry read from the files (the sidecar's view; workers serve what they loaded)."""
     try:
         expiry = {"server": _first_cert(files.cert, "server.tls_cert").not_valid_after_utc.timestamp()}
-        for ca in _certs(files.client_ca, "tls.client_ca") if files.client_ca else []:
-            label = "client_ca:" + _common_name(ca)
-            expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
+        if files.client_ca:
+            expiry.update(_ca_expiry(_certs(files.client_ca, "tls.client_ca")))
         return expiry
     except TlsError:
         return {}

@@ -104,7 +104,7 @@ class Reloader:
         self._signature = signature
         try:
             new = await asyncio.to_thread(configmod.load, self.config.home)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             log.error("configuration reload refused, still serving the previous configuration: %s", exc)
             self._metrics.reload("config", False)
             return

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from keymanager import create_key_manager
+from xks_proxy import audit
 from xks_proxy.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
@@ -138,6 +139,8 @@ def serve(
             TlsManager(config, NoMetrics())  # refuse to start on a certificate that cannot serve
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
+    if config.audit.path is not None:
+        audit.file_handler(config.audit).close()  # refuse to start on an audit file that cannot be written
     sock = _listen(host, port)
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)

@@ -162,18 +162,22 @@ class XksServer:
         if request.content_type != _JSON or "Content-Type" not in request.headers:
             raise ValidationException("Content-Type must be application/json")
         doc = protocol.parse_body(body)
-        meta = outcome.meta = protocol.request_metadata(doc, outcome.operation)
+        outcome.meta = protocol.request_metadata(doc, outcome.operation)
         if key_id is not None:  # health is exempt from the rate quota and from policy
-            if not self.throttle.take(store.prefix):
-                self.metrics.throttled(store.prefix, "rate")
-                raise ThrottlingException("this key store is over its request rate quota; retry")
-            denied_by = store.policy.denial(key_id, meta)
-            if denied_by is not None:
-                outcome.denied_by = denied_by
-                self.metrics.denied(store.prefix, denied_by)
-                log.warning("request %r denied by policy rule %s of store %r", meta.kms_request_id, denied_by, store.prefix)
-                raise AccessDeniedException(f"denied by policy rule {denied_by}")
+            self._authorize(store, key_id, outcome.meta, outcome)
         return await self._handlers[outcome.operation](store, key_id, doc, outcome)
+
+    def _authorize(self, store: Store, key_id: str, meta: protocol.RequestMetadata, outcome: Outcome) -> None:
+        """Charge the store's rate quota, then apply its policy (after SigV4: only the store's callers count)."""
+        if not self.throttle.take(store.prefix):
+            self.metrics.throttled(store.prefix, "rate")
+            raise ThrottlingException("this key store is over its request rate quota; retry")
+        denied_by = store.policy.denial(key_id, meta)
+        if denied_by is not None:
+            outcome.denied_by = denied_by
+            self.metrics.denied(store.prefix, denied_by)
+            log.warning("request %r denied by policy rule %s of store %r", meta.kms_request_id, denied_by, store.prefix)
+            raise AccessDeniedException(f"denied by policy rule {denied_by}")
 
     async def _timed(self, operation: str, call: Awaitable[Any]) -> Any:
         """Await a key manager call, recording its latency."""
