@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import ClientSession, TCPConnector
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import CA, Leaf, client_context
 from tests.conftest import Client, Home
@@ -108,3 +111,31 @@ def cli(home: Path, *args: str, stdin: str | None = None) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "xks_proxy.cli", *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
     )
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics over HTTP and parse it: (sample name, labels) -> value."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def wait_for_line(log: Path, pattern: str, deadline: float = 15) -> re.Match[str]:
+    """Poll a subprocess's log file for a line (e.g. the port it listens on)."""
+    started = time.monotonic()
+    while time.monotonic() - started < deadline:
+        match = re.search(pattern, log.read_text())
+        if match:
+            return match
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in the server log:\n{log.read_text()}")

@@ -6,27 +6,9 @@ import asyncio
 import ssl
 from typing import Any
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Home, metadata
-from tests.proxy import Pki, client_for, edit_config, eventually, running
-
-
-async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+from tests.proxy import Pki, client_for, edit_config, eventually, running, scrape, value
 
 
 async def test_metrics_are_off_by_default(home: Home) -> None:

@@ -6,17 +6,15 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Home
-from tests.proxy import WORKTREE, Pki, client_for, edit_config, eventually, running
+from tests.proxy import WORKTREE, Pki, client_for, edit_config, eventually, running, wait_for_line
 
 
 async def test_bad_config_is_refused_and_the_old_one_keeps_serving(home: Home, caplog: pytest.LogCaptureFixture) -> None:
@@ -66,16 +64,6 @@ async def test_restart_only_settings_are_reported_not_applied(home: Home, caplog
         assert "server.host/port changed; that takes effect at the next restart" in caplog.text
 
 
-def _wait_for_line(log: Path, pattern: str, deadline: float = 15) -> re.Match[str]:
-    started = time.monotonic()
-    while time.monotonic() - started < deadline:
-        match = re.search(pattern, log.read_text())
-        if match:
-            return match
-        time.sleep(0.05)
-    raise AssertionError(f"{pattern!r} not in the server log:\n{log.read_text()}")
-
-
 async def test_serve_over_mtls_and_reload_on_sighup(home: Home, tmp_path: Path) -> None:
     """The real `xks-proxy serve` process: mTLS, then an edit only SIGHUP can reveal, then SIGTERM."""
     pki = Pki(home.path)
@@ -93,7 +81,7 @@ async def test_serve_over_mtls_and_reload_on_sighup(home: Home, tmp_path: Path) 
             stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True,
         )
     try:
-        port = int((await asyncio.to_thread(_wait_for_line, log, r"serving https://127\.0\.0\.1:(\d+)"))[1])
+        port = int((await asyncio.to_thread(wait_for_line, log, r"serving https://127\.0\.0\.1:(\d+)"))[1])
         proxy = type("P", (), {"port": port})()
         async with client_for(home, proxy, pki.context(pki.kms)) as client:  # type: ignore[arg-type]
             assert (await client.encrypt("foo", b"before"))[0] == 200

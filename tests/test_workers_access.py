@@ -14,9 +14,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Client, Home
-from tests.proxy import WORKTREE, Pki, edit_config, eventually
-from tests.test_metrics import scrape, value
-from tests.test_reload import _wait_for_line
+from tests.proxy import WORKTREE, Pki, edit_config, eventually, scrape, value, wait_for_line
 from xks_proxy.throttle import Throttle
 
 
@@ -37,8 +35,8 @@ async def test_two_workers_share_audit_metrics_and_reload(home: Home, tmp_path: 
             stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True,
         )  # fmt: skip
     try:
-        port = int((await asyncio.to_thread(_wait_for_line, log, r"serving https://127\.0\.0\.1:(\d+)"))[1])
-        metrics_port = int((await asyncio.to_thread(_wait_for_line, log, r"metrics on http://127\.0\.0\.1:(\d+)/"))[1])
+        port = int((await asyncio.to_thread(wait_for_line, log, r"serving https://127\.0\.0\.1:(\d+)"))[1])
+        metrics_port = int((await asyncio.to_thread(wait_for_line, log, r"metrics on http://127\.0\.0\.1:(\d+)/"))[1])
         # A new connection per request, so both workers answer.
         connector = aiohttp.TCPConnector(ssl=pki.context(pki.kms), force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
