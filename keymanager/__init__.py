@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from keymanager.base import KeyManager
+from keymanager.base import KeyAdmin, KeyAdminError, KeyManager
 
 if TYPE_CHECKING:
     from xks_proxy.config import Config
@@ -16,4 +16,26 @@ def create_key_manager(config: "Config") -> KeyManager:
         from keymanager.vault import VaultKeyManager
 
         return VaultKeyManager(config.vault.path, config.master_key, config.vault.refresh_seconds)
+    if config.backend == "pkcs11":
+        from keymanager.pkcs11 import Pkcs11KeyManager
+
+        assert config.pkcs11 is not None
+        return Pkcs11KeyManager(config.pkcs11)
     raise ValueError(f"keymanager.backend {config.backend!r} is not available")
+
+
+def create_key_admin(config: "Config") -> KeyAdmin:
+    """The same backend, as the CLI administers it. Raises KeyAdminError if it cannot be reached."""
+    if config.backend == "vault":
+        from keymanager.vault import VaultDB
+        from xks_proxy.config import ConfigError
+
+        if not config.vault.path.is_file():
+            raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
+        return VaultDB(config.vault.path, config.master_key)
+    if config.backend == "pkcs11":
+        from keymanager.pkcs11_admin import Pkcs11Admin
+
+        assert config.pkcs11 is not None
+        return Pkcs11Admin(config.pkcs11)
+    raise KeyAdminError(f"keymanager.backend {config.backend!r} has no key administration")

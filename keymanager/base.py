@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 
 class KeyUsage(str, Enum):
@@ -107,3 +108,44 @@ class KeyManager(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> list[EkmHealth]:
         """A deep check: a real encrypt+decrypt on an internal key no KMS key can address."""
+
+
+# --- administration (the CLI's view of a backend) -----------------------------------------------
+
+
+class KeyAdminError(Exception):
+    """A refused administrative change or lookup, phrased for the operator (one line, no secrets)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as the CLI shows it: never material. Fields a backend cannot know are None."""
+
+    store: str
+    key_id: str
+    state: str
+    usage: tuple[KeyUsage, ...]
+    key_spec: str = "AES_256"
+    versions: int | None = None
+    created_at: float | None = None
+
+
+class KeyAdmin(Protocol):
+    """What `xks-proxy keys ...` needs from a backend, and nothing more.
+
+    Synchronous (the CLI has no event loop). `store` is the logical key store's prefix (a backend
+    may not partition keys by store: PKCS#11 does not; the CLI applies a store's key_ids).
+    Every refusal is a KeyAdminError.
+    """
+
+    def create_key(self, store: str, key_id: str, usage: tuple[KeyUsage, ...]) -> KeyInfo: ...
+
+    def keys(self, store: str) -> list[KeyInfo]: ...
+
+    def key(self, store: str, key_id: str) -> KeyInfo: ...
+
+    def set_state(self, store: str, key_id: str, state: str) -> KeyInfo: ...
+
+    def rotate(self, store: str, key_id: str) -> KeyInfo: ...
+
+    def close(self) -> None: ...

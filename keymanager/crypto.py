@@ -2,7 +2,7 @@
 
 Nothing else in the project touches raw key material or chooses an IV. Backends that keep keys
 in memory hold `DataKey` objects (which never print their bytes); an HSM backend uses only
-`bind_aad` and `new_iv`. Sealing wraps secrets (key material, credentials) under the master key
+`bind_aad` and `checked_iv` (the HSM makes the IV; we refuse a bad one). Sealing wraps secrets (key material, credentials) under the master key
 with AES-256-GCM and a context string bound as AAD, so a sealed blob cannot be moved to another
 key id, version or purpose.
 """
@@ -54,10 +54,20 @@ def cdiv(aad: bytes | None, metadata: bytes | None, iv: bytes, ciphertext: bytes
 
 def new_iv() -> bytes:
     """A fresh random 96-bit IV. Never all zeros (a broken RNG must not pass silently)."""
-    iv = os.urandom(IV_BYTES)
+    return checked_iv(os.urandom(IV_BYTES), "the random number generator")
+
+
+def checked_iv(iv: bytes, source: str) -> bytes:
+    """An IV made elsewhere (our RNG, an HSM's C_GenerateRandom, an HSM's own GCM): 12 bytes, never all zeros.
+
+    An all-zero IV means a generator that did nothing (e.g. an HSM that leaves the zero IV buffer
+    untouched): answering with it would reuse one IV for every ciphertext under the key.
+    """
+    if len(iv) != IV_BYTES:
+        raise InternalException(f"{source} produced a {len(iv)}-byte IV; AES-GCM here uses {IV_BYTES} bytes")
     if not any(iv):
-        raise InternalException("random number generator returned an all-zero IV")
-    return iv
+        raise InternalException(f"{source} produced an all-zero IV; refusing to use it")
+    return bytes(iv)
 
 
 def new_key_bytes() -> bytes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
+from keymanager.base import EkmHealth, Encrypted, HealthState, KeyAdminError, KeyInfo, KeyManager, KeyMetadata, KeyUsage
 from keymanager.crypto import DataKey, MasterKey
 from xks_proxy.errors import (
     InternalException,
@@ -66,20 +66,8 @@ CREATE TABLE IF NOT EXISTS key_versions (
 """
 
 
-class VaultError(Exception):
+class VaultError(KeyAdminError):
     """A refused vault change (the CLI prints it as one line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """A key as the CLI shows it: no material."""
-
-    store: str
-    key_id: str
-    state: str
-    usage: tuple[KeyUsage, ...]
-    versions: int
-    created_at: float
 
 
 def material_context(store: str, key_id: str, version: int) -> str:
@@ -114,7 +102,7 @@ def parse_usage(text: str) -> tuple[KeyUsage, ...]:
 
 
 class VaultDB:
-    """Synchronous access to the vault file: used by the CLI and by the key manager's loader."""
+    """Synchronous access to the vault file: the CLI's `KeyAdmin`, and the key manager's loader."""
 
     def __init__(self, path: Path, master_key: MasterKey) -> None:
         self.path = path

@@ -10,6 +10,8 @@ import base64
 import json
 import os
 import shutil
+import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -21,14 +23,22 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from keymanager import create_key_manager
+from keymanager import create_key_admin, create_key_manager
 from keymanager.vault import VaultDB, parse_usage
 from xks_proxy import config as configmod
-from xks_proxy.home import init_home
+from xks_proxy.home import init_home, new_access_key_id, new_secret
 from xks_proxy.server import XksServer
 
 STRICT = os.environ.get("XKS_TEST_STRICT") == "1"
 REGION = "us-east-1"
+BACKENDS = ["vault", "pkcs11"]
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+)
 
 
 def need(tool: str) -> str:
@@ -60,41 +70,221 @@ def metadata(operation: str = "Encrypt", **extra: str) -> dict[str, str]:
     return meta
 
 
+# --- SoftHSMv2 ----------------------------------------------------------------------------------------
+
+
+def need_softhsm_module() -> str:
+    """The SoftHSMv2 PKCS#11 library; a skip locally, a failure under XKS_TEST_STRICT=1."""
+    for module in SOFTHSM_MODULES:
+        if Path(module).is_file():
+            return module
+    if STRICT:
+        pytest.fail("libsofthsm2.so is required (XKS_TEST_STRICT=1) but not installed (apt-get install softhsm2)")
+    pytest.skip("libsofthsm2.so is not installed")
+
+
+@dataclass
+class SoftHsm:
+    """A fresh SoftHSMv2 token in a temporary directory, for this test only."""
+
+    module: str
+    conf: Path
+    tokens: Path
+    label: str = "xks-test"
+    pin: str = "pin-4b1d-7319"  # distinctive, so tests can prove it never shows up in logs or output
+    so_pin: str = "so-pin-9876"
+
+    @contextmanager
+    def session(self, module: str | None = None) -> Iterator[Any]:
+        """A read-write session on the token, through the same process-wide library as the proxy."""
+        from keymanager.pkcs11_token import Library
+
+        library = Library.get(module or self.module)
+        session = library.session(library.token(self.label, None), self.pin, rw=True)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def import_key(self, label: str, material: bytes, usage: str = "ENCRYPT,DECRYPT", module: str | None = None) -> None:
+        """Put known AES material in the token as a sensitive, non-extractable key (C_CreateObject)."""
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        names = set(usage.split(","))
+        with self.session(module) as session:
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                    Attribute.LABEL: label, Attribute.VALUE: material,
+                    Attribute.ENCRYPT: "ENCRYPT" in names, Attribute.DECRYPT: "DECRYPT" in names,
+                }
+            )  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, SOFTHSM2_CONF=str(self.conf))
+
+
+@pytest.fixture
+def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
+    from keymanager.pkcs11_token import Library
+
+    util = need("softhsm2-util")
+    module = need_softhsm_module()
+    tokens = tmp_path / "softhsm-tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    hsm = SoftHsm(module=module, conf=conf, tokens=tokens)
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", hsm.label, "--so-pin", hsm.so_pin, "--pin", hsm.pin],
+        check=True, capture_output=True, env=hsm.env(), timeout=60,
+    )  # fmt: skip
+    Library.finalize_all()  # SoftHSM reads SOFTHSM2_CONF (and finds tokens) at C_Initialize
+    yield hsm
+    Library.finalize_all()
+
+
+def aws_settings(
+    module: str, pin: str, stores: list[dict[str, Any]], region: str = REGION, extra: str = ""
+) -> str:
+    """A settings.toml as the AWS sample proxy (aws-kms-xks-proxy) reads it."""
+    lines = [
+        "[server]", 'ip = "127.0.0.1"', "port = 0", f'region = "{region}"', 'service = "kms-xks-proxy"', "",
+        "[security]", "is_sigv4_auth_enabled = true", "is_tls_enabled = false", "is_mtls_enabled = false", "",
+        "[tracing]", 'level = "DEBUG"', "",
+        "[pkcs11]", "session_pool_max_size = 4", "session_pool_timeout_milli = 5000", "session_eager_close = false",
+        f'user_pin = "{pin}"', f'PKCS11_HSM_MODULE = "{module}"', "context_read_timeout_milli = 100", "",
+        "[limits]", "max_plaintext_in_base64 = 8192", "max_aad_in_base64 = 8192", "",
+        "[hsm_capabilities]", "can_generate_iv = false", "is_zero_iv_required = false", "",
+    ]  # fmt: skip
+    for store in stores:
+        lines += ["[[external_key_stores]]", f'uri_path_prefix = "{store["uri_path_prefix"]}"']
+        lines += [f'sigv4_access_key_id = "{store["access_key_id"]}"', f'sigv4_secret_access_key = "{store["secret"]}"']
+        if store.get("key_ids") is not None:
+            lines.append("xks_key_id_set = [" + ", ".join(f'"{k}"' for k in store["key_ids"]) + "]")
+        lines.append("")
+    return "\n".join(lines) + "\n" + extra
+
+
+def run_cli_in_process(*argv: str) -> int:
+    """The real CLI entry point, without a subprocess (and without leaking its umask into the tests)."""
+    from xks_proxy import cli
+
+    old = os.umask(0o077)
+    try:
+        return cli.main(list(argv))
+    finally:
+        os.umask(old)
+
+
+def set_pkcs11(home: Path, **values: Any) -> None:
+    """Change [pkcs11] settings in a home's config.toml, as an operator would."""
+    import tomllib
+
+    from xks_proxy.home import write_config
+
+    raw = tomllib.loads((home / "config.toml").read_text())
+    raw["pkcs11"].update(values)
+    write_config(home, raw)
+
+
+# --- homes ---------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Home:
-    """A proxy home made by `init`, with its first store's credential."""
+    """A proxy home with its first store's credential: `init` (vault) or `import-config` (pkcs11).
+
+    Helpers go through the backend's KeyAdmin. What a backend cannot do skips the test, saying
+    why: on pkcs11 a store prefix does not partition the token, key state lives in the HSM,
+    and there is no vault file.
+    """
 
     path: Path
     prefix: str
     access_key_id: str
     secret: str
+    backend: str = "vault"
+    hsm: SoftHsm | None = None
+    materials: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def config(self) -> configmod.Config:
         return configmod.load(self.path)
 
     def vault(self) -> VaultDB:
+        if self.backend != "vault":
+            pytest.skip(f"vault-only: this test reads the vault file directly ({self.backend} backend)")
         cfg = self.config
         return VaultDB(cfg.vault.path, cfg.master_key)
 
-    def create_key(self, key_id: str, usage: str = "ENCRYPT,DECRYPT", store: str | None = None) -> None:
-        db = self.vault()
+    def _admin_do(self, action: str, *args: Any) -> Any:
+        admin = create_key_admin(self.config)
         try:
-            db.create_key(self.prefix if store is None else store, key_id, parse_usage(usage))
+            return getattr(admin, action)(*args)
         finally:
-            db.close()
+            admin.close()
+
+    def create_key(self, key_id: str, usage: str = "ENCRYPT,DECRYPT", store: str | None = None) -> None:
+        if self.backend == "pkcs11" and store not in (None, self.prefix):
+            pytest.skip("vault-only: on pkcs11 a store prefix does not partition the token (stores use key_ids)")
+        self._admin_do("create_key", self.prefix if store is None else store, key_id, parse_usage(usage))
 
     def set_state(self, key_id: str, state: str) -> None:
+        if self.backend == "pkcs11":
+            pytest.skip("vault-only: disable/enable do not exist on pkcs11 (key state lives in the HSM)")
+        self._admin_do("set_state", self.prefix, key_id, state)
+
+    def material(self, key_id: str, version: int = 1) -> bytes:
+        """A key's raw material, as only a test may read it (vault: unsealed; pkcs11: imported by the test)."""
+        if self.backend == "pkcs11":
+            if key_id not in self.materials or version != 1:
+                pytest.skip(f"the material of {key_id} v{version} never left the HSM")
+            return self.materials[key_id]
+        from keymanager.vault import material_context
+
+        cfg = self.config
         db = self.vault()
         try:
-            db.set_state(self.prefix, key_id, state)
+            row = db._conn.execute(
+                "SELECT sealed FROM key_versions WHERE store = ? AND key_id = ? AND version = ?", (self.prefix, key_id, version)
+            ).fetchone()
         finally:
             db.close()
+        return cfg.master_key.unseal(row[0], material_context(self.prefix, key_id, version))
+
+
+def pkcs11_home(path: Path, hsm: SoftHsm, prefix: str = "test", module: str | None = None) -> Home:
+    """A pkcs11 home made the way an operator migrating from the AWS sample makes one: import-config."""
+    akid, secret = new_access_key_id(), new_secret()
+    settings = path.parent / f"{path.name}-aws-settings.toml"
+    store = {"uri_path_prefix": f"/{prefix}", "access_key_id": akid, "secret": secret}
+    settings.write_text(aws_settings(module or hsm.module, hsm.pin, [store]))
+    assert run_cli_in_process("import-config", str(settings), "--home", str(path)) == 0
+    # Generous timeouts: tests make hundreds of concurrent requests on a shared 2-core machine.
+    set_pkcs11(path, operation_timeout_seconds=10.0, session_wait_seconds=10.0)
+    return Home(path=path, prefix=prefix, access_key_id=akid, secret=secret, backend="pkcs11", hsm=hsm)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param != "vault" and request.node.get_closest_marker("vault_only"):
+        pytest.skip("marked vault_only")
+    return request.param
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Home:
+def home(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Home:
+    """A home with key "foo" in store "test", on each backend."""
     path = tmp_path / "home"
+    if backend == "pkcs11":
+        h = pkcs11_home(path, request.getfixturevalue("softhsm"))
+        h.materials["foo"] = os.urandom(32)
+        assert h.hsm is not None
+        h.hsm.import_key("foo", h.materials["foo"])
+        return h
     akid, secret = init_home(path, "test", REGION, 0)
     h = Home(path=path, prefix="test", access_key_id=akid, secret=secret)
     h.create_key("foo")

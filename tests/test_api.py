@@ -113,18 +113,8 @@ async def test_ivs_are_unique(client: Client) -> None:
 
 
 def _material(home: Home, key_id: str, version: int = 1) -> bytes:
-    """Read a key's raw material the way only a test may: straight from the sealed vault row."""
-    cfg = home.config
-    db = home.vault()
-    try:
-        row = db._conn.execute(
-            "SELECT sealed FROM key_versions WHERE store = ? AND key_id = ? AND version = ?", (home.prefix, key_id, version)
-        ).fetchone()
-    finally:
-        db.close()
-    from keymanager.vault import material_context
-
-    return cfg.master_key.unseal(row[0], material_context(home.prefix, key_id, version))
+    """Read a key's raw material the way only a test may (see Home.material)."""
+    return home.material(key_id, version)
 
 
 def _independent_aad(aad: bytes | None, meta: bytes) -> bytes:
@@ -505,7 +495,10 @@ async def test_credential_of_another_store_is_refused(tmp_path, home: Home) -> N
             status, body = await own.call("health", requestMetadata=metadata("KmsHealthCheck"))
             assert status == 200, body
             status, err = await own.call("metadata", "foo", requestMetadata=metadata("CreateKey"))
-            assert (status, err["errorName"]) == (404, "KeyNotFoundException")
+            if home.backend == "vault":  # the vault partitions keys by store
+                assert (status, err["errorName"]) == (404, "KeyNotFoundException")
+            else:  # an HSM token is shared by every store not narrowed by key_ids
+                assert status == 200, err
     finally:
         await srv.close()
 

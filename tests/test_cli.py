@@ -183,14 +183,8 @@ def test_serve_process_end_to_end(cli_home: Path, tls: bool) -> None:
         status, body = _signed_post(url, path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", context)
         assert (status, body["keyStatus"]) == (200, "ENABLED")
         run("keys", "disable", "foo", home=cli_home)
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
-            status, body = _signed_post(url, path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", context)
-            if body.get("keyStatus") == "DISABLED":
-                break
-            time.sleep(0.05)
-        assert body["keyStatus"] == "DISABLED"
-        for _ in range(20):  # every worker has seen it, whichever answers
+        time.sleep(2.0)  # the promise: every worker sees a CLI change within 2 seconds
+        for _ in range(20):  # whichever worker answers
             status, body = _signed_post(url, path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", context)
             assert body["keyStatus"] == "DISABLED"
         if tls:

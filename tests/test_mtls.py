@@ -18,6 +18,9 @@ from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
 from xks_proxy.runner import start
 
+# TLS is the same whatever the backend: run once, on the vault.
+pytestmark = pytest.mark.vault_only
+
 
 @pytest.fixture
 def pki(home: Home) -> Pki:

@@ -13,6 +13,9 @@ from tests.proxy import client_for, edit_config, running
 from xks_proxy.policy import IMPLICIT_KEY, IMPLICIT_STORE, compile_policy
 from xks_proxy.protocol import RequestMetadata
 
+# Policy is decided before any backend is called: run once, on the vault.
+pytestmark = pytest.mark.vault_only
+
 ALICE = "arn:aws:iam::123456789012:user/alice"
 MALLORY = "arn:aws:iam::999999999999:user/mallory"
 BATCH = "arn:aws:iam::123456789012:role/batch"

@@ -16,6 +16,9 @@ import pytest
 from tests.conftest import Home
 from tests.proxy import WORKTREE, Pki, client_for, edit_config, eventually, running, wait_for_line
 
+# Config reload is the same whatever the backend: run once, on the vault.
+pytestmark = pytest.mark.vault_only
+
 
 async def test_bad_config_is_refused_and_the_old_one_keeps_serving(home: Home, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="xks_proxy")

@@ -8,9 +8,14 @@ import re
 import tomllib
 from typing import Any
 
+import pytest
+
 from tests.conftest import Client, Home
 from tests.proxy import cli, client_for, edit_config, eventually, running
 from xks_proxy.home import new_secret
+
+# Stores and credentials live in config.toml whatever the backend: run once, on the vault.
+pytestmark = pytest.mark.vault_only
 
 HEALTH = {"requestMetadata": {"kmsRequestId": "h", "kmsOperation": "KmsHealthCheck"}}
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
+from xks_proxy.errors import XksError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CommandError as exc:
         print(f"xks-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except XksError as exc:  # the key manager could not start (e.g. the HSM refused the PIN)
+        print(f"xks-proxy: cannot start: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -139,7 +143,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = args.port or 8443
     akid, secret = init_home(home, "demo", "us-east-1", port)
     config = configmod.load(home)
-    _vault(config).create_key("demo", "foo", _usage("ENCRYPT,DECRYPT"))
+    admin = _admin(config)
+    try:
+        admin.create_key("demo", "foo", _usage("ENCRYPT,DECRYPT"))
+    finally:
+        admin.close()
     scheme = "http" if args.http else "https"
     host = args.host or config.server.host
     print(
@@ -178,14 +186,15 @@ def _setup_logging(level: str) -> None:
 # --- keys ----------------------------------------------------------------------------------------
 
 
-def _vault(config: configmod.Config):  # -> keymanager.vault.VaultDB
-    from keymanager.vault import VaultDB
+def _admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
+    """The configured backend's key administration (the vault file, or the HSM token)."""
+    from keymanager import create_key_admin
+    from keymanager.base import KeyAdminError
 
-    if config.backend != "vault":
-        raise CommandError(f"keys commands for backend {config.backend!r} are not available")
-    if not config.vault.path.is_file():
-        raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
-    return VaultDB(config.vault.path, config.master_key)
+    try:
+        return create_key_admin(config)
+    except KeyAdminError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _usage(text: str):
@@ -198,20 +207,23 @@ def _usage(text: str):
 
 
 def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace], int]:
-    """Run a vault action for (store, key id), turning refusals into one-line errors."""
+    """Run a KeyAdmin action for (store, key id), turning refusals into one-line errors."""
 
     def run(args: argparse.Namespace) -> int:
-        from keymanager.vault import VaultError
+        from keymanager.base import KeyAdminError
 
         config = _load(args)
         store = config.store(args.store)
-        db = _vault(config)
+        key_id = getattr(args, "key_id", None)
+        if key_id is not None and not store.allows(key_id):
+            raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
+        admin = _admin(config)
         try:
-            info = action(db, store.prefix, args)
-        except VaultError as exc:
+            info = action(admin, store, args)
+        except KeyAdminError as exc:
             raise CommandError(str(exc)) from None
         finally:
-            db.close()
+            admin.close()
         if info is not None:
             print(json.dumps(_key_json(info), indent=2))
         return 0
@@ -219,31 +231,39 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
     return run
 
 
-def _key_json(info) -> dict[str, object]:
-    return {
+def _key_json(info) -> dict[str, object]:  # info: keymanager.base.KeyInfo
+    shown: dict[str, object] = {
         "keyId": info.key_id,
         "store": info.store,
         "keyStatus": info.state,
         "keyUsage": [u.value for u in info.usage],
-        "keySpec": "AES_256",
-        "versions": info.versions,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at)),
+        "keySpec": info.key_spec,
     }
+    if info.versions is not None:
+        shown["versions"] = info.versions
+    if info.created_at is not None:
+        shown["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at))
+    return shown
 
 
-def _list(db, store: str, args: argparse.Namespace) -> None:
-    for info in db.keys(store):
+def _list(admin, store: configmod.Store, args: argparse.Namespace) -> None:
+    for info in admin.keys(store.prefix):
+        if not store.allows(info.key_id):
+            continue
         usage = ",".join(u.value for u in info.usage) or "-"
-        print(f"{info.key_id}\t{info.state}\t{usage}\tversions={info.versions}")
+        last = f"versions={info.versions}" if info.versions is not None else f"keySpec={info.key_spec}"
+        print(f"{info.key_id}\t{info.state}\t{usage}\t{last}")
 
 
-cmd_keys_create = _key_command(lambda db, store, args: db.create_key(store, _checked_key_id(args.key_id), _usage(args.usage)))
+cmd_keys_create = _key_command(
+    lambda admin, store, args: admin.create_key(store.prefix, _checked_key_id(args.key_id), _usage(args.usage))
+)
 cmd_keys_list = _key_command(_list)
 _KEY_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "show": _key_command(lambda db, store, args: db.key(store, args.key_id)),
-    "disable": _key_command(lambda db, store, args: db.set_state(store, args.key_id, "DISABLED")),
-    "enable": _key_command(lambda db, store, args: db.set_state(store, args.key_id, "ENABLED")),
-    "rotate": _key_command(lambda db, store, args: db.rotate(store, args.key_id)),
+    "show": _key_command(lambda admin, store, args: admin.key(store.prefix, args.key_id)),
+    "disable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "DISABLED")),
+    "enable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "ENABLED")),
+    "rotate": _key_command(lambda admin, store, args: admin.rotate(store.prefix, args.key_id)),
 }
 
 
@@ -269,9 +289,16 @@ def _stores_and_credentials(sub: argparse._SubParsersAction, common: argparse.Ar
     stores_cli.register(sub, common)
 
 
+def _import_config(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import import_config
+
+    import_config.register(sub, common)
+
+
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
     _conformance,
     _stores_and_credentials,
+    _import_config,
 ]
 
 

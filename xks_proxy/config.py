@@ -8,8 +8,11 @@ here, once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +64,21 @@ DEFAULT_QUOTA = Quota(rate=1800.0, burst=1800)
 
 @dataclass(frozen=True, slots=True)
 class Store:
-    """A logical key store: one URI prefix, its regions, SigV4 credentials, policy and quota."""
+    """A logical key store: one URI prefix, its regions, SigV4 credentials, policy and quota.
+
+    `key_ids`, when set, is the only key ids this store may address (any backend; the server
+    answers KeyNotFoundException for the others). None means every key the backend gives it.
+    """
 
     prefix: str
     regions: frozenset[str]
     credentials: tuple[Credential, ...]
+    key_ids: frozenset[str] | None = None
     policy: Policy = EMPTY_POLICY
     quota: Quota = Quota()
+
+    def allows(self, key_id: str) -> bool:
+        return self.key_ids is None or key_id in self.key_ids
 
     @property
     def uri_path(self) -> str:
@@ -106,6 +117,42 @@ class ServerConfig:
 class VaultConfig:
     path: Path
     refresh_seconds: float = 0.5
+
+
+IV_MODES = ("proxy", "hsm-zero-buffer", "hsm-appended")
+MAX_METADATA_BYTES = 20
+#: ciphertextMetadata of PKCS#11 ciphertexts unless configured: format 2 = "HSM key, AAD construction 1"
+#: (the vault's is format 1). It versions the construction, as the protocol notes advise.
+PKCS11_DEFAULT_METADATA = b"\x02"
+_PKCS11_FIELDS = frozenset(
+    {
+        "module", "token_label", "slot", "pin_file", "pin_env", "session_pool_size", "session_wait_seconds",
+        "operation_timeout_seconds", "refresh_seconds", "iv_mode", "ciphertext_metadata_b64", "health_key",
+        "health_cache_seconds",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11Config:
+    """The `[pkcs11]` section: which module and token, how to log in, pool and timeouts, IV mode.
+
+    The PIN is read here from `pin_file` (owner-only) or `$pin_env`, never from config.toml, and
+    is never printed: it is excluded from repr.
+    """
+
+    module: Path
+    pin: str = field(repr=False)
+    token_label: str | None = None
+    slot: int | None = None
+    session_pool_size: int = 8
+    session_wait_seconds: float = 0.05
+    operation_timeout_seconds: float = 0.2
+    refresh_seconds: float = 1.0
+    iv_mode: str = "proxy"
+    ciphertext_metadata: bytes = PKCS11_DEFAULT_METADATA
+    health_key: str = "xks-proxy-health"
+    health_cache_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +201,7 @@ class Config:
     throttle: ThrottleConfig = ThrottleConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
+    pkcs11: Pkcs11Config | None = None
 
     def store(self, prefix: str | None) -> Store:
         """The store a CLI command means: the one named, or the only one."""
@@ -186,6 +234,7 @@ def read_raw(home: Path) -> dict[str, Any]:
 def from_raw(home: Path, raw: dict[str, Any]) -> Config:
     """Validate a parsed document into a Config (also used to check an edit before writing it)."""
     master_key = _master_key(home, _table(raw, "master_key"))
+    backend = _choice(_table(raw, "keymanager"), "keymanager.backend", "backend", ("vault", "pkcs11"), "vault")
     throttle_table = _table(raw, "throttle")
     stores = _stores(raw.get("stores"), master_key, _quota(throttle_table, "throttle", DEFAULT_QUOTA))
     return Config(
@@ -193,7 +242,7 @@ def from_raw(home: Path, raw: dict[str, Any]) -> Config:
         server=_server(home, _table(raw, "server")),
         limits=_limits(_table(raw, "limits")),
         stores=stores,
-        backend=_choice(_table(raw, "keymanager"), "keymanager.backend", "backend", ("vault", "pkcs11"), "vault"),
+        backend=backend,
         vault=_vault(home, _table(raw, "vault")),
         master_key=master_key,
         raw=raw,
@@ -201,6 +250,7 @@ def from_raw(home: Path, raw: dict[str, Any]) -> Config:
         throttle=_throttle(throttle_table),
         metrics=_metrics(_table(raw, "metrics")),
         audit=_audit(home, raw.get("audit", {"path": "audit.log"})),
+        pkcs11=_pkcs11(home, raw) if backend == "pkcs11" else None,
     )
 
 
@@ -340,6 +390,83 @@ def _vault(home: Path, table: dict[str, Any]) -> VaultConfig:
     return VaultConfig(path=(home / path).resolve(), refresh_seconds=refresh)
 
 
+def _float_range(table: dict[str, Any], where: str, key: str, default: float, low: float, high: float) -> float:
+    value = _get(table, where, key, float, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: must be between {low:g} and {high:g}")
+    return value
+
+
+def _pkcs11(home: Path, raw: dict[str, Any]) -> Pkcs11Config:
+    """The [pkcs11] section, required when keymanager.backend is "pkcs11"."""
+    if "pkcs11" not in raw:
+        raise ConfigError('pkcs11: a [pkcs11] section is required when keymanager.backend = "pkcs11"')
+    table = _table(raw, "pkcs11")
+    for key in table:
+        if key not in _PKCS11_FIELDS:
+            hint = "; the PIN goes in a file named by pin_file, or in $pin_env" if "pin" in key.lower() else ""
+            raise ConfigError(f"pkcs11.{key}: unknown field{hint}")
+    module = _file(home, table, "pkcs11.module", "module", None)
+    if module is None:
+        raise ConfigError("pkcs11.module: is required (the path of the HSM vendor's PKCS#11 library)")
+    token_label = table.get("token_label")
+    if token_label is not None and (not isinstance(token_label, str) or not token_label):
+        raise ConfigError("pkcs11.token_label: must be a non-empty string")
+    slot = _int_range(table, "pkcs11.slot", "slot", 0, 0, 2**64 - 1) if "slot" in table else None
+    if token_label is not None and slot is not None:
+        raise ConfigError("pkcs11.slot: give token_label or slot, not both")
+    iv_mode = _choice(table, "pkcs11.iv_mode", "iv_mode", IV_MODES, "proxy")
+    default_text = base64.b64encode(PKCS11_DEFAULT_METADATA).decode()
+    metadata_text = _get(table, "pkcs11.ciphertext_metadata_b64", "ciphertext_metadata_b64", str, default_text)
+    try:
+        metadata = base64.b64decode(metadata_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("pkcs11.ciphertext_metadata_b64: must be standard base64") from None
+    if len(metadata) > MAX_METADATA_BYTES:
+        raise ConfigError(f"pkcs11.ciphertext_metadata_b64: at most {MAX_METADATA_BYTES} bytes (it is {len(metadata)})")
+    health_key = _get(table, "pkcs11.health_key", "health_key", str, "xks-proxy-health")
+    if not KEY_ID_RE.match(health_key):
+        raise ConfigError("pkcs11.health_key: must be 1-128 characters of [A-Za-z0-9._-]")
+    return Pkcs11Config(
+        module=module,
+        pin=_pin(home, table),
+        token_label=token_label,
+        slot=slot,
+        session_pool_size=_int_range(table, "pkcs11.session_pool_size", "session_pool_size", 8, 1, 1024),
+        session_wait_seconds=_float_range(table, "pkcs11.session_wait_seconds", "session_wait_seconds", 0.05, 0.0, 60.0),
+        operation_timeout_seconds=_float_range(
+            table, "pkcs11.operation_timeout_seconds", "operation_timeout_seconds", 0.2, 0.01, 60.0
+        ),
+        refresh_seconds=_float_range(table, "pkcs11.refresh_seconds", "refresh_seconds", 1.0, 0.1, 60.0),
+        iv_mode=iv_mode,
+        ciphertext_metadata=metadata,
+        health_key=health_key,
+        health_cache_seconds=_float_range(table, "pkcs11.health_cache_seconds", "health_cache_seconds", 60.0, 0.0, 60.0),
+    )
+
+
+def _pin(home: Path, table: dict[str, Any]) -> str:
+    """The user PIN, from an owner-only file or an environment variable. Never from config.toml."""
+    has_file, has_env = "pin_file" in table, "pin_env" in table
+    if has_file == has_env:
+        raise ConfigError("pkcs11.pin_file: give exactly one of pin_file or pin_env")
+    if has_env:
+        name = _get(table, "pkcs11.pin_env", "pin_env", str, None)
+        pin = os.environ.get(name, "")
+        if not pin:
+            raise ConfigError(f"pkcs11.pin_env: the environment variable {name} is not set")
+        return pin
+    path = _file(home, table, "pkcs11.pin_file", "pin_file", None)
+    if path is None:
+        raise ConfigError("pkcs11.pin_file: must name a file")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise ConfigError(f"pkcs11.pin_file: {path} is readable or writable by others; chmod 600 it")
+    pin = path.read_text().rstrip("\r\n")
+    if not pin:
+        raise ConfigError(f"pkcs11.pin_file: {path} is empty")
+    return pin
+
+
 def _master_key(home: Path, table: dict[str, Any]) -> MasterKey:
     env = _get(table, "master_key.env", "env", str, "XKS_PROXY_MASTER_KEY")
     if env and os.environ.get(env):
@@ -390,6 +517,7 @@ def _stores(raw: Any, master_key: MasterKey, default_quota: Quota) -> tuple[Stor
                 prefix=prefix,
                 regions=frozenset(regions),
                 credentials=creds,
+                key_ids=_key_ids(table, f"{where}.key_ids"),
                 policy=_policy(table, where),
                 quota=_store_quota(table, where, default_quota),
             )
@@ -412,6 +540,19 @@ def _store_quota(table: dict[str, Any], where: str, default: Quota) -> Quota:
         raise ConfigError(f"{where}.throttle: must be a table")
     _only(throttle, f"{where}.throttle", ("rate", "burst"))
     return _quota(throttle, f"{where}.throttle", default)
+
+
+def _key_ids(table: dict[str, Any], where: str) -> frozenset[str] | None:
+    """A store's optional allow-list of key ids (absent: every key the backend has)."""
+    raw = table.get("key_ids")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+        raise ConfigError(f"{where}: must be a list of key ids")
+    for key_id in raw:
+        if not KEY_ID_RE.match(key_id):
+            raise ConfigError(f"{where}: {key_id!r} is not 1-128 characters of [A-Za-z0-9._-]")
+    return frozenset(raw)
 
 
 def _credentials(raw: Any, where: str, master_key: MasterKey, seen: set[str]) -> tuple[Credential, ...]:

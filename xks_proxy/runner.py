@@ -7,8 +7,8 @@ one worker in-process, or supervises several.
 
 With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
 build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
-fork), restarts a worker that dies, passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on
-for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
+fork), restarts a worker that dies (but stops when a worker cannot start at all, see
+EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
 reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
 process (sidecar.py) writes the one audit file and serves the metrics of all workers.
 """
@@ -31,12 +31,16 @@ from keymanager import create_key_manager
 from xks_proxy import audit
 from xks_proxy.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.errors import XksError
 from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
 from xks_proxy.mtls import TlsError, TlsManager, TlsSite
 from xks_proxy.reload import Reloader
 from xks_proxy.server import XksServer
 
 log = logging.getLogger("xks_proxy")
+#: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
+#: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
+EXIT_CANNOT_START = 3
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
     shared = Shared(workers=workers, audit_socket=audit_tx)
     children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
-    stopping = False
+    stopping = failed = False
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
     def spawn(slot: int) -> None:
@@ -200,6 +204,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
 
     def child(slot: int) -> None:
         """Never returns."""
+        code = 1
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -211,8 +216,17 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
                 sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http)
             else:
                 asyncio.run(_serve_worker(config, sock, plain_http, shared))
+            code = 0
+        except XksError as exc:
+            log.error("worker cannot start: %s", exc.message)
+            code = EXIT_CANNOT_START
+        except ConfigError as exc:
+            log.error("worker cannot start: configuration error: %s", exc)
+            code = EXIT_CANNOT_START
+        except BaseException:
+            log.exception("%s failed", "sidecar" if slot < 0 else "worker")
         finally:
-            os._exit(0)
+            os._exit(code)
 
     def signal_workers(signum: int) -> None:
         for pid, slot in list(children.items()):
@@ -259,6 +273,10 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
                 multiprocess.mark_process_dead(pid, metrics_dir)
             if slot is None:
                 continue
+            if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
+                log.error("a worker cannot start; stopping (not retrying)")
+                stop(signal.SIGTERM, None)
+                failed = True
             if stopping and not any(s >= 0 for s in children.values()):
                 stop_sidecar()
             elif not stopping:
@@ -268,4 +286,4 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    return EXIT_CANNOT_START if failed else 0

@@ -30,6 +30,7 @@ from xks_proxy.errors import (
     AccessDeniedException,
     InternalException,
     InvalidUriPathException,
+    KeyNotFoundException,
     MethodNotAllowed,
     ThrottlingException,
     UnsupportedOperationException,
@@ -208,8 +209,16 @@ class XksServer:
             "ekmFleetDetails": [{"id": d.id, "model": d.model, "healthStatus": d.state.value} for d in details],
         }
 
-    async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    @staticmethod
+    def _allowed(store: Store, key_id: str | None) -> str:
+        """The key id, if this store may address it (its optional key_ids list), for every backend."""
         assert key_id is not None
+        if not store.allows(key_id):
+            raise KeyNotFoundException(f"no key {key_id} in this key store")
+        return key_id
+
+    async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+        key_id = self._allowed(store, key_id)
         meta = await self._timed("metadata", self.key_manager.get_metadata(store.prefix, key_id))
         return {
             "keySpec": meta.key_spec,
@@ -218,8 +227,8 @@ class XksServer:
         }
 
     async def _encrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
-        assert key_id is not None
         req = protocol.encrypt_request(doc, self.config.limits)
+        key_id = self._allowed(store, key_id)
         result = await self._timed("encrypt", self.key_manager.encrypt(store.prefix, key_id, req.plaintext, req.aad))
         outcome.key_version = result.key_version
         integrity = None
@@ -239,8 +248,8 @@ class XksServer:
         }
 
     async def _decrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
-        assert key_id is not None
         req = protocol.decrypt_request(doc, self.config.limits)
+        key_id = self._allowed(store, key_id)
         outcome.key_version = self.key_manager.key_version(req.metadata)
         plaintext = await self._timed(
             "decrypt", self.key_manager.decrypt(store.prefix, key_id, req.ciphertext, req.iv, req.tag, req.aad, req.metadata)

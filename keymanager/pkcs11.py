@@ -1,0 +1,461 @@
+"""The PKCS#11 key manager: XKS keys are AES keys inside an HSM, named by their CKA_LABEL.
+
+Threads and sessions. PKCS#11 calls block, so they never run on the event loop: each request
+takes one logged-in session from a bounded pool (none free within `session_wait_seconds` →
+ThrottlingException) and runs on a worker thread of an executor exactly as large as the pool,
+so no call ever queues behind another inside the executor. The request waits at most
+`operation_timeout_seconds` for the HSM (→ DependencyTimeoutException); a late call keeps its
+session until it returns. One more thread, with its own session, refreshes the key catalog and
+runs reconnects.
+
+Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds`, so deleted or changed
+keys show within that time, and looked up directly on a miss, so a new key is served on its
+first request. Each pooled session caches the python-pkcs11 objects it has found, so a request
+costs no C_FindObjects; a handle that went stale is looked up once more.
+
+Failures. Device-class errors (CKR_DEVICE_ERROR, CKR_SESSION_HANDLE_INVALID, token removed, ...)
+take the manager down: idle sessions are dropped, calls in flight are let finish, the library is
+finalised and initialised again, and the pool reopened, retrying with backoff until the token is
+back. Meanwhile requests fail at once with InternalException (KMS retries those) and health says
+UNAVAILABLE. A refused PIN is never retried (it would lock the HSM account).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
+from keymanager.pkcs11_token import (
+    HsmError,
+    Library,
+    LoginRefused,
+    PKCS11Error,
+    StaleHandle,
+    TokenKey,
+    TokenLost,
+    check_token,
+    describe,
+    duplicate_message,
+    find,
+    gcm_decrypt,
+    gcm_encrypt,
+    lost_or_failed,
+    raise_mapped,
+    scan,
+)
+from xks_proxy.config import Pkcs11Config
+from xks_proxy.errors import (
+    DependencyTimeoutException,
+    InternalException,
+    InvalidKeyUsageException,
+    KeyNotFoundException,
+    ThrottlingException,
+    XksError,
+)
+
+log = logging.getLogger("xks_proxy.pkcs11")
+
+T = TypeVar("T")
+_HEALTH_PROBE = b"xks-proxy health probe"
+_FAILURE_WINDOW_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One pooled, logged-in session and the key objects it has found."""
+
+    session: Any
+    generation: int
+    keys: dict[str, tuple[TokenKey, Any]] = field(default_factory=dict)
+
+
+class Pkcs11KeyManager(KeyManager):
+    vendor = "PKCS#11 HSM"
+
+    def __init__(self, config: Pkcs11Config) -> None:
+        self._cfg = config
+        self._library: Library | None = None
+        self._workers = ThreadPoolExecutor(config.session_pool_size, thread_name_prefix="xks-pkcs11")
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="xks-pkcs11-control")
+        self._idle: list[_Slot] = []
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._busy = 0
+        self._generation = -1
+        self._up = False
+        self._fatal: str | None = None
+        self._control_session: Any = None
+        self._catalog: dict[str, TokenKey] = {}
+        self._recovery: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._scanning = False
+        self._failures: deque[float] = deque(maxlen=256)
+        self._health: tuple[float, HealthState] | None = None  # (valid until, state) when slow
+        self._ekm_id = f"pkcs11:{config.token_label or (f'slot {config.slot}' if config.slot is not None else 'first token')}"
+        self._model = "PKCS#11 token"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._library = await loop.run_in_executor(self._control, Library.get, self._cfg.module)
+            await self._connect(None)
+        except LoginRefused as exc:
+            raise InternalException(f"PKCS#11 login refused: {exc}") from None
+        except TokenLost as exc:
+            log.error("the HSM is not available at start (%s); answering InternalException and retrying", exc)
+            self._schedule_recovery()
+        except HsmError as exc:
+            raise InternalException(f"PKCS#11: {exc}") from None
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._recovery):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._up = False
+        for _ in range(200):  # let calls in flight return their sessions (bounded: a hung HSM must not hang shutdown)
+            if not self._busy:
+                break
+            await asyncio.sleep(0.01)
+        sessions = [slot.session for slot in self._idle] + [self._control_session]
+        self._idle.clear()
+        closing = asyncio.get_running_loop().run_in_executor(self._control, _close_all, sessions)
+        try:
+            await asyncio.wait_for(closing, 2.0)
+        except TimeoutError:
+            log.warning("the HSM did not close its sessions within 2 s; leaving them to the library")
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._control.shutdown(wait=False, cancel_futures=True)
+
+    async def _connect(self, seen_generation: int | None) -> None:
+        """Open the pool (after re-initialising the library if `seen_generation` is given)."""
+        loop = asyncio.get_running_loop()
+        sessions, control, catalog, generation = await loop.run_in_executor(self._control, self._open, seen_generation)
+        self._generation = generation
+        self._control_session = control
+        self._catalog = catalog
+        self._idle = [_Slot(session, generation) for session in sessions]
+        self._up = True
+        self._health = None
+        self._failures.clear()  # the outage is over; health reports the present
+        self._hand_out()
+
+    def _open(self, seen_generation: int | None) -> tuple[list[Any], Any, dict[str, TokenKey], int]:
+        library = self._library
+        assert library is not None
+        if seen_generation is not None:
+            library.reconnect(seen_generation)
+        cfg = self._cfg
+        token = library.token(cfg.token_label, cfg.slot)
+        sessions = [library.session(token, cfg.pin) for _ in range(cfg.session_pool_size)]
+        control = library.session(token, cfg.pin)
+        try:
+            catalog = scan(control)
+        except PKCS11Error as exc:
+            raise lost_or_failed(exc, "listing the token's keys") from None
+        self.vendor = token.manufacturer_id or self.vendor
+        self._ekm_id = f"pkcs11:{token.label}"
+        self._model = token.model or self._model
+        return sessions, control, catalog, library.generation
+
+    # --- the pool -----------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(slot, *args)` on a worker thread with a pooled session, under both timeouts."""
+        if not self._up:
+            self._schedule_recovery()
+            raise InternalException(self._fatal or "the HSM is unavailable; the proxy is reconnecting")
+        slot = await self._acquire()
+        self._busy += 1
+        future = asyncio.get_running_loop().run_in_executor(self._workers, fn, slot, *args)
+        future.add_done_callback(partial(self._returned, slot))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._cfg.operation_timeout_seconds)
+        except TimeoutError:
+            self._failed()
+            raise DependencyTimeoutException(
+                f"the HSM did not answer within {self._cfg.operation_timeout_seconds:g} s"
+            ) from None
+        except TokenLost as exc:
+            self._failed()
+            self._lost(exc, slot.generation)
+            raise InternalException(f"the HSM failed ({exc.ckr or 'token lost'}); reconnecting") from None
+        except HsmError as exc:
+            self._failed()
+            log.warning("HSM call failed: %s", exc)
+            raise InternalException(f"the HSM failed: {exc.ckr or exc}") from None
+
+    async def _acquire(self) -> _Slot:
+        if self._idle:
+            return self._idle.pop()
+        wait = self._cfg.session_wait_seconds
+        if wait > 0:
+            waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                return await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                pass
+        raise ThrottlingException(f"all {self._cfg.session_pool_size} HSM sessions are busy")
+
+    def _returned(self, slot: _Slot, future: asyncio.Future[Any]) -> None:
+        """Done-callback of every call: the session goes back, unless it belongs to a dead generation."""
+        self._busy -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved here, so a call that outlived its request logs nothing
+        if self._up and slot.generation == self._generation:
+            self._idle.append(slot)
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        while self._idle and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self._idle.pop())
+
+    def _failed(self) -> None:
+        self._failures.append(time.monotonic())
+
+    # --- recovery ------------------------------------------------------------------------------------
+
+    def _lost(self, exc: HsmError, generation: int) -> None:
+        if self._up and generation == self._generation:
+            log.error("lost the HSM (%s): closing sessions, re-initialising the library, reconnecting", exc)
+            self._up = False
+            self._health = None
+            self._idle.clear()
+            while self._waiters:  # requests queued for a session fail now, retryably
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(InternalException("the HSM is unavailable; the proxy is reconnecting"))
+        self._schedule_recovery()
+
+    def _schedule_recovery(self) -> None:
+        if self._fatal is None and (self._recovery is None or self._recovery.done()):
+            self._recovery = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        self._up = False
+        self._idle.clear()
+        started = time.monotonic()
+        while self._busy:  # never finalise under a thread that is inside the library
+            if time.monotonic() - started > 5:
+                log.warning("waiting for %d HSM calls in flight before reconnecting", self._busy)
+                started = time.monotonic()
+            await asyncio.sleep(0.01)
+        assert self._library is not None
+        seen, delay, attempt = self._generation, 0.05, 0
+        while True:
+            attempt += 1
+            try:
+                await self._connect(seen)
+                log.info("reconnected to the HSM after %d attempt(s); serving again", attempt)
+                return
+            except LoginRefused as exc:
+                self._fatal = f"the HSM refused the PIN ({exc.ckr}); fix it and restart (not retried, to avoid locking the account)"
+                log.error("%s", self._fatal)
+                return
+            except HsmError as exc:
+                (log.warning if attempt == 1 else log.debug)("the HSM is still unavailable (%s); retrying", exc)
+            except Exception:  # a bug must not end recovery for good
+                log.exception("reconnecting to the HSM failed unexpectedly; retrying")
+            seen = self._library.generation
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _refresh_loop(self) -> None:
+        """Rescan the catalog every refresh_seconds on the control session; notice a lost token."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._cfg.refresh_seconds)
+            if not self._up or self._scanning:
+                continue
+            generation, session = self._generation, self._control_session
+            self._scanning = True
+            future = loop.run_in_executor(self._control, _scan_checked, session)
+            future.add_done_callback(lambda _: setattr(self, "_scanning", False))
+            try:
+                catalog = await asyncio.wait_for(asyncio.shield(future), max(1.0, 5 * self._cfg.operation_timeout_seconds))
+            except TimeoutError:
+                log.warning("the key catalog refresh is slow; keeping the previous catalog")
+                continue
+            except TokenLost as exc:
+                self._lost(exc, generation)
+                continue
+            except HsmError as exc:
+                log.warning("key catalog refresh failed: %s", exc)
+                continue
+            except Exception:
+                log.exception("key catalog refresh failed unexpectedly")
+                continue
+            if self._up and generation == self._generation:
+                self._catalog = catalog
+
+    # --- keys (worker threads) -----------------------------------------------------------------------
+
+    def _resolve(self, slot: _Slot, key_id: str, fresh: bool = False) -> tuple[TokenKey, Any]:
+        """The key object for a label on this slot's session: cached unless the catalog moved."""
+        entry = self._catalog.get(key_id)
+        if entry is not None and entry.copies > 1:
+            raise InternalException(duplicate_message(key_id, entry.copies))
+        cached = slot.keys.get(key_id)
+        if not fresh and cached is not None and cached[0] == entry:
+            return cached
+        try:
+            found = find(slot.session, key_id)
+        except PKCS11Error as exc:
+            raise lost_or_failed(exc, f"looking up key {key_id}") from None
+        if not found:
+            check_token(slot.session)  # a missing key, or a missing token?
+            slot.keys.pop(key_id, None)
+            self._catalog.pop(key_id, None)
+            raise KeyNotFoundException(f"no key {key_id} in this key store")
+        if len(found) > 1:
+            raise InternalException(duplicate_message(key_id, len(found)))
+        try:
+            entry = describe(found[0])
+        except PKCS11Error as exc:
+            raise lost_or_failed(exc, f"reading key {key_id}") from None
+        self._catalog[key_id] = entry
+        slot.keys[key_id] = (entry, found[0])
+        return entry, found[0]
+
+    def _with_key(self, slot: _Slot, key_id: str, operation: str, op: Callable[[TokenKey, Any], T]) -> T:
+        """Run op(entry, key object), mapping HSM errors; a stale handle is looked up once more."""
+        for attempt in (1, 2):
+            entry, key = self._resolve(slot, key_id, fresh=attempt == 2)
+            try:
+                return op(entry, key)
+            except PKCS11Error as exc:
+                try:
+                    raise_mapped(exc, key_id, operation)
+                except StaleHandle:
+                    slot.keys.pop(key_id, None)
+                    if attempt == 2:
+                        check_token(slot.session)
+                        raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _usable(entry: TokenKey, key: Any, key_id: str, usage: KeyUsage) -> None:
+        if not entry.xks_ready:
+            raise InvalidKeyUsageException(f"key {key_id} is {entry.key_spec}; XKS keys are AES_256")
+        if usage not in entry.usage or not hasattr(key, usage.value.lower()):
+            raise InvalidKeyUsageException(f"key {key_id} does not allow {usage.value}")
+
+    def _encrypt_sync(self, slot: _Slot, key_id: str, plaintext: bytes, aad: bytes | None) -> Encrypted:
+        metadata = self._cfg.ciphertext_metadata
+
+        def op(entry: TokenKey, key: Any) -> Encrypted:
+            self._usable(entry, key, key_id, KeyUsage.ENCRYPT)
+            iv, ciphertext, tag = gcm_encrypt(slot.session, key, plaintext, aad, metadata, self._cfg.iv_mode)
+            return Encrypted(ciphertext=ciphertext, iv=iv, tag=tag, metadata=metadata)
+
+        return self._with_key(slot, key_id, "encrypt", op)
+
+    def _decrypt_sync(
+        self, slot: _Slot, key_id: str, ciphertext: bytes, iv: bytes, tag: bytes, aad: bytes | None, metadata: bytes | None
+    ) -> bytes:
+        def op(entry: TokenKey, key: Any) -> bytes:
+            self._usable(entry, key, key_id, KeyUsage.DECRYPT)
+            return gcm_decrypt(key, iv, ciphertext, tag, aad, metadata)
+
+        return self._with_key(slot, key_id, "decrypt", op)
+
+    def _lookup_sync(self, slot: _Slot, key_id: str) -> TokenKey:
+        return self._resolve(slot, key_id)[0]
+
+    def _probe_sync(self, slot: _Slot) -> None:
+        key_id = self._cfg.health_key
+        sealed = self._encrypt_sync(slot, key_id, _HEALTH_PROBE, b"health")
+        plain = self._decrypt_sync(slot, key_id, sealed.ciphertext, sealed.iv, sealed.tag, b"health", sealed.metadata)
+        if plain != _HEALTH_PROBE:
+            raise InternalException("the health probe decrypted to other bytes")
+
+    # --- the KeyManager interface ---------------------------------------------------------------------
+
+    def _addressable(self, key_id: str) -> None:
+        if key_id == self._cfg.health_key:  # internal: no KMS key may use the health-check key
+            raise KeyNotFoundException(f"no key {key_id} in this key store")
+
+    async def get_metadata(self, store: str, key_id: str) -> KeyMetadata:
+        self._addressable(key_id)
+        entry = self._catalog.get(key_id) if self._up else None
+        if entry is None:
+            entry = await self._run(self._lookup_sync, key_id)  # refresh on miss
+        if entry.copies > 1:
+            raise InternalException(duplicate_message(key_id, entry.copies))
+        return KeyMetadata(key_spec=entry.key_spec, usage=entry.usage, enabled=True)
+
+    async def encrypt(self, store: str, key_id: str, plaintext: bytes, aad: bytes | None) -> Encrypted:
+        self._addressable(key_id)
+        return await self._run(self._encrypt_sync, key_id, plaintext, aad)
+
+    async def decrypt(
+        self,
+        store: str,
+        key_id: str,
+        ciphertext: bytes,
+        iv: bytes,
+        tag: bytes,
+        aad: bytes | None,
+        metadata: bytes | None,
+    ) -> bytes:
+        self._addressable(key_id)
+        return await self._run(self._decrypt_sync, key_id, ciphertext, iv, tag, aad, metadata)
+
+    async def health(self) -> list[EkmHealth]:
+        return [EkmHealth(id=self._ekm_id, model=self._model, state=await self._health_state())]
+
+    async def _health_state(self) -> HealthState:
+        """A real encrypt+decrypt on the health key. Slow answers are cached (≤ health_cache_seconds)."""
+        now = time.monotonic()
+        if not self._up:
+            return HealthState.UNAVAILABLE
+        if self._health is not None and self._health[0] > now:
+            return self._health[1]
+        try:
+            await self._run(self._probe_sync)
+        except (DependencyTimeoutException, ThrottlingException):
+            return self._remember(HealthState.DEGRADED)
+        except XksError as exc:
+            log.error("health probe on key %s failed: %s %s", self._cfg.health_key, exc.name, exc.message)
+            return HealthState.UNAVAILABLE
+        if time.monotonic() - now > self._cfg.operation_timeout_seconds / 2:
+            return self._remember(HealthState.DEGRADED)
+        recent = [t for t in self._failures if t > now - _FAILURE_WINDOW_SECONDS]
+        return HealthState.DEGRADED if recent else HealthState.ACTIVE
+
+    def _remember(self, state: HealthState) -> HealthState:
+        self._health = (time.monotonic() + self._cfg.health_cache_seconds, state)
+        return state
+
+
+def _scan_checked(session: Any) -> dict[str, TokenKey]:
+    check_token(session)
+    try:
+        return scan(session)
+    except PKCS11Error as exc:
+        raise lost_or_failed(exc, "listing the token's keys") from None
+
+
+def _close_all(sessions: list[Any]) -> None:
+    for session in sessions:
+        if session is None:
+            continue
+        try:
+            session.close()
+        except PKCS11Error:
+            pass
