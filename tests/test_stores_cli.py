@@ -120,15 +120,16 @@ async def test_concurrent_commands_do_not_lose_changes(home: Home) -> None:
 
 async def test_stores_add_list_remove_in_a_running_proxy(home: Home) -> None:
     async with running(home.path, plain_http=True) as proxy:
-        added = await run_cli(home, "stores", "add", "payments/eu", "--region", "eu-west-1")
+        added = await run_cli(home, "stores", "add", "payments/eu", "--region", "eu-west-1", "--key-ids", "k1,k9")
         assert added.returncode == 0, added.stderr
         akid, secret = printed(added.stdout, "access key id"), printed(added.stdout, "secret access key")
         home.create_key("k1", store="payments/eu")
+        home.create_key("k2", store="payments/eu")
 
         listed = await run_cli(home, "stores", "list")
         assert listed.stdout.splitlines() == [
-            "/test/kms/xks/v1\tregions=us-east-1\tcredentials=1\tpolicy_rules=0",
-            "/payments/eu/kms/xks/v1\tregions=eu-west-1\tcredentials=1\tpolicy_rules=0",
+            "/test/kms/xks/v1\tregions=us-east-1\tcredentials=1\tpolicy_rules=0\tkey_ids=all",
+            "/payments/eu/kms/xks/v1\tregions=eu-west-1\tcredentials=1\tpolicy_rules=0\tkey_ids=k1,k9",
         ]
         assert secret not in listed.stdout
 
@@ -137,6 +138,8 @@ async def test_stores_add_list_remove_in_a_running_proxy(home: Home) -> None:
             await eventually(lambda: _is(status_of(client), 200), deadline=2.0, what="the new store answers")
             status, enc = await client.encrypt("k1", b"in the new store")
             assert status == 200, enc
+            status, body = await client.encrypt("k2", b"not in its key_ids")
+            assert (status, body["errorName"]) == (404, "KeyNotFoundException")
             with_store = await run_cli(home, "credentials", "list")
             assert with_store.returncode == 2 and "--store" in with_store.stderr
             exported = json.loads((await run_cli(home, "stores", "export", "payments/eu")).stdout)

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     sadd = stores.add_parser("add", parents=[common], help="add a key store with a new credential (printed once)")
     sadd.add_argument("prefix", help="URI path prefix: the store answers at /<prefix>/kms/xks/v1")
     sadd.add_argument("--region", action="append", required=True, help="AWS region that calls it (repeatable)")
+    sadd.add_argument("--key-ids", help="comma-separated key ids this store may use (default: every key it is given)")
     sadd.set_defaults(func=_command(cmd_stores_add))
     sremove = stores.add_parser("remove", parents=[common], help="remove a key store (its keys stay in the key manager)")
     sremove.add_argument("prefix")
@@ -176,7 +177,12 @@ def cmd_stores_add(args: argparse.Namespace) -> int:
         if any(store.prefix == prefix for store in config.stores):
             raise Refused(f"there is already a key store with prefix {prefix!r}")
         credential = sealed_credential(config.master_key, akid, secret)
-        raw["stores"].append({"prefix": prefix, "regions": list(dict.fromkeys(args.region)), "credentials": [credential]})
+        table: dict[str, Any] = {"prefix": prefix, "regions": list(dict.fromkeys(args.region)), "credentials": [credential]}
+        if args.key_ids is not None:
+            table["key_ids"] = sorted({k.strip() for k in args.key_ids.split(",") if k.strip()})
+        elif config.backend == "pkcs11":
+            print("xks-proxy: note: this store can use every key on the token; limit it with --key-ids", file=sys.stderr)
+        raw["stores"].append(table)
     print(f"Added key store {_uri_path(prefix)}")
     print(f"  access key id:      {akid}")
     print(f"  secret access key:  {secret}")
@@ -200,9 +206,10 @@ def cmd_stores_remove(args: argparse.Namespace) -> int:
 def cmd_stores_list(args: argparse.Namespace) -> int:
     config = configmod.load(configmod.home_dir(args.home))
     for store in config.stores:
+        keys = "all" if store.key_ids is None else ",".join(sorted(store.key_ids)) or "-"
         print(
             f"{store.uri_path}\tregions={','.join(sorted(store.regions))}\tcredentials={len(store.credentials)}"
-            f"\tpolicy_rules={len(store.policy.rules)}"
+            f"\tpolicy_rules={len(store.policy.rules)}\tkey_ids={keys}"
         )
     return 0
 
