@@ -58,8 +58,9 @@ class Quota:
     burst: int = 0
 
 
-#: KMS sends at most 1,800 requests per second to a key store (its default quota).
-DEFAULT_QUOTA = Quota(rate=1800.0, burst=1800)
+#: No per-store quota unless configured: a limit nobody set must not refuse legitimate traffic.
+#: (docs/access-control.md suggests KMS's own default quota, 1,800 requests per second.)
+DEFAULT_QUOTA = Quota(rate=0.0, burst=0)
 
 
 @dataclass(frozen=True, slots=True)
