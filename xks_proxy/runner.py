@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -192,17 +193,17 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
     stopping = failed = False
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
-    def spawn(slot: int) -> None:
+    def spawn(slot: int, ready: int | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
         try:
             pid = os.fork()
             if pid == 0:
-                child(slot)
+                child(slot, ready)
             children[pid] = slot
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
 
-    def child(slot: int) -> None:
+    def child(slot: int, ready: int | None) -> None:
         """Never returns."""
         code = 1
         try:
@@ -213,7 +214,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             if slot < 0:
                 from xks_proxy import sidecar
 
-                sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http)
+                sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
             else:
                 asyncio.run(_serve_worker(config, sock, plain_http, shared))
             code = 0
@@ -256,7 +257,13 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
     if audit_rx is not None or metrics_sock is not None:
-        spawn(-1)
+        # The sidecar is up before the workers start: their start (HSM logins above all) then
+        # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
+        ready_r, ready_w = os.pipe()
+        spawn(-1, ready_w)
+        os.close(ready_w)
+        select.select([ready_r], [], [], 5.0)
+        os.close(ready_r)
     for slot in range(workers):
         if not stopping:
             spawn(slot)

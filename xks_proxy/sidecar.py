@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -27,12 +28,17 @@ log = logging.getLogger("xks_proxy.sidecar")
 _MAX_RECORD = 1 << 17
 
 
-def run(config: Config, audit_socket: socket.socket | None, metrics_socket: socket.socket | None, tls: bool) -> None:
+def run(
+    config: Config, audit_socket: socket.socket | None, metrics_socket: socket.socket | None, tls: bool, ready: int | None
+) -> None:
+    """Serve until SIGTERM; write a byte to the `ready` pipe once serving (the supervisor waits for it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_run(config, audit_socket, metrics_socket, tls))
+    asyncio.run(_run(config, audit_socket, metrics_socket, tls, ready))
 
 
-async def _run(config: Config, audit_socket: socket.socket | None, metrics_socket: socket.socket | None, tls: bool) -> None:
+async def _run(
+    config: Config, audit_socket: socket.socket | None, metrics_socket: socket.socket | None, tls: bool, ready: int | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -57,6 +63,9 @@ async def _run(config: Config, audit_socket: socket.socket | None, metrics_socke
         runner = web.AppRunner(exposition_app(registry), access_log=None)
         await runner.setup()
         await web.SockSite(runner, metrics_socket).start()
+    if ready is not None:
+        os.write(ready, b"+")
+        os.close(ready)
     await stop.wait()
     if writer is not None and audit_socket is not None:
         loop.remove_reader(audit_socket.fileno())
