@@ -15,7 +15,14 @@ def create_key_manager(config: "Config") -> KeyManager:
     if config.backend == "vault":
         from keymanager.vault import VaultKeyManager
 
-        return VaultKeyManager(config.vault.path, config.master_key, config.vault.refresh_seconds)
+        vault = config.vault
+        return VaultKeyManager(
+            vault.path,
+            config.master_key,
+            vault.refresh_seconds,
+            rotate_after=vault.rotate_after_encryptions,
+            count_block=vault.count_block,
+        )
     if config.backend == "pkcs11":
         from keymanager.pkcs11 import Pkcs11KeyManager
 

@@ -11,9 +11,10 @@ same key id under two prefixes names two different keys (or none).
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class KeyUsage(str, Enum):
@@ -128,6 +129,21 @@ class KeyInfo:
     key_spec: str = "AES_256"
     versions: int | None = None
     created_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What `keys show` prints: fields the backend does not know are left out."""
+        shown: dict[str, Any] = {
+            "keyId": self.key_id,
+            "store": self.store,
+            "keyStatus": self.state,
+            "keyUsage": [u.value for u in self.usage],
+            "keySpec": self.key_spec,
+        }
+        if self.versions is not None:
+            shown["versions"] = self.versions
+        if self.created_at is not None:
+            shown["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))
+        return shown
 
 
 class KeyAdmin(Protocol):

@@ -5,17 +5,28 @@ in memory hold `DataKey` objects (which never print their bytes); an HSM backend
 `bind_aad` and `checked_iv` (the HSM makes the IV; we refuse a bad one). Sealing wraps secrets (key material, credentials) under the master key
 with AES-256-GCM and a context string bound as AAD, so a sealed blob cannot be moved to another
 key id, version or purpose.
+
+Also here, because they handle private keys or key bytes: the RSA wrapping keys and unwrapping
+of imported key material (BYOK), the vault's import-token signing key, and the encryption of
+vault backups.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import struct
+from typing import Any
 
+import jwt
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 from xks_proxy.errors import InternalException, InvalidCiphertextException
 
@@ -77,14 +88,19 @@ def new_key_bytes() -> bytes:
 class DataKey:
     """An AES-256 key ready for GCM. Holds the bytes only inside the cipher object."""
 
-    __slots__ = ("_gcm", "fingerprint")
+    __slots__ = ("_gcm", "_digest", "fingerprint")
 
     def __init__(self, material: bytes) -> None:
         if len(material) != KEY_BYTES:
             raise InternalException("key material has the wrong length")
         self._gcm = AESGCM(material)
         # Identifies material without revealing it (used to tell "same material" on import).
-        self.fingerprint = hashlib.sha256(b"xks-proxy key fingerprint" + material).hexdigest()[:16]
+        self._digest = hashlib.sha256(b"xks-proxy key fingerprint" + material).digest()
+        self.fingerprint = self._digest.hex()[:16]
+
+    def same_material(self, other: "DataKey") -> bool:
+        """True when both hold the same bytes (compared by full digest, in constant time)."""
+        return hmac.compare_digest(self._digest, other._digest)
 
     def __repr__(self) -> str:
         return f"DataKey(fingerprint={self.fingerprint})"
@@ -157,3 +173,246 @@ class MasterKey:
         """Generate (or take) key material, returning it sealed and as a ready DataKey."""
         material = material if material is not None else new_key_bytes()
         return self.seal(material, context), DataKey(material)
+
+
+# --- importing key material (bring your own key) --------------------------------------------
+
+WRAPPING_KEY_SPECS: dict[str, int] = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
+WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256")
+
+
+class UnwrapError(ValueError):
+    """Imported key material that does not open, or is not an AES-256 key. Message is safe to show."""
+
+
+def _oaep(algorithm: hashes.HashAlgorithm) -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(algorithm=algorithm), algorithm=algorithm, label=None)
+
+
+class WrappingKey:
+    """An RSA key pair that customers wrap key material to, as KMS's GetParametersForImport gives.
+
+    The private half lives only here and, at rest, sealed under the master key.
+    """
+
+    __slots__ = ("_private",)
+
+    def __init__(self, private: rsa.RSAPrivateKey) -> None:
+        self._private = private
+
+    def __repr__(self) -> str:
+        return f"WrappingKey(RSA-{self._private.key_size}, fingerprint={self.fingerprint[:16]})"
+
+    @classmethod
+    def generate(cls, spec: str) -> "WrappingKey":
+        if spec not in WRAPPING_KEY_SPECS:
+            raise ValueError(f"wrapping key spec must be one of {', '.join(WRAPPING_KEY_SPECS)}")
+        return cls(rsa.generate_private_key(public_exponent=65537, key_size=WRAPPING_KEY_SPECS[spec]))
+
+    def seal(self, master: "MasterKey", context: str) -> bytes:
+        der = self._private.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return master.seal(der, context)
+
+    @classmethod
+    def unseal(cls, master: "MasterKey", sealed: bytes, context: str) -> "WrappingKey":
+        key = serialization.load_der_private_key(master.unseal(sealed, context), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"sealed value for {context} is not an RSA key")
+        return cls(key)
+
+    def public_der(self) -> bytes:
+        """X.509 SubjectPublicKeyInfo, DER: the format of KMS's WrappingPublicKey."""
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def public_pem(self) -> bytes:
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the public key DER: what an import token is bound to."""
+        return hashlib.sha256(self.public_der()).hexdigest()
+
+    def unwrap_and_seal(self, algorithm: str, blob: bytes, master: "MasterKey", context: str) -> tuple[bytes, DataKey]:
+        """Open imported key material and seal it under the master key for `context` at once.
+
+        Returns (sealed material, DataKey): the raw bytes never leave this module.
+        """
+        return master.seal_new_key(context, self._unwrap(algorithm, blob))
+
+    def _unwrap(self, algorithm: str, blob: bytes) -> bytes:
+        """Open encrypted key material wrapped as KMS's ImportKeyMaterial expects it.
+
+        RSAES_OAEP_SHA_256 / _SHA_1: RSA-OAEP (MGF1 with the same hash) of the material.
+        RSA_AES_KEY_WRAP_SHA_256: RSA-OAEP-SHA-256 of a fresh 256-bit AES key, followed by the
+        material wrapped under that key with AES key wrap with padding (RFC 5649).
+        """
+        modulus = self._private.key_size // 8
+        try:
+            if algorithm == "RSAES_OAEP_SHA_256":
+                material = self._private.decrypt(blob, _oaep(hashes.SHA256()))
+            elif algorithm == "RSAES_OAEP_SHA_1":
+                material = self._private.decrypt(blob, _oaep(hashes.SHA1()))
+            elif algorithm == "RSA_AES_KEY_WRAP_SHA_256":
+                if len(blob) <= modulus:
+                    raise UnwrapError(
+                        f"RSA_AES_KEY_WRAP_SHA_256 material must be the {modulus}-byte RSA-wrapped AES key "
+                        "followed by the AES-wrapped key material"
+                    )
+                kek = self._private.decrypt(blob[:modulus], _oaep(hashes.SHA256()))
+                if len(kek) != KEY_BYTES:
+                    raise UnwrapError("the RSA-wrapped AES key must be 32 bytes (AES-256)")
+                material = aes_key_unwrap_with_padding(kek, blob[modulus:])
+            else:
+                raise UnwrapError(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
+        except (ValueError, InvalidUnwrap) as exc:
+            if isinstance(exc, UnwrapError):
+                raise
+            raise UnwrapError(
+                f"the encrypted key material does not open with this import token's wrapping key and {algorithm} "
+                "(wrong public key, wrong algorithm or a damaged file)"
+            ) from None
+        if len(material) != KEY_BYTES:
+            raise UnwrapError(f"imported key material must be 32 bytes (AES-256), not {len(material)} bytes")
+        return material
+
+
+class TokenError(ValueError):
+    """An import token that is refused. The message says why, for the operator."""
+
+
+class TokenSigner:
+    """The vault's ES256 key for import tokens. Its private half is sealed under the master key."""
+
+    __slots__ = ("_private", "key_id")
+
+    def __init__(self, private: ec.EllipticCurvePrivateKey) -> None:
+        self._private = private
+        public = private.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.key_id = hashlib.sha256(public).hexdigest()[:32]
+
+    def __repr__(self) -> str:
+        return f"TokenSigner(kid={self.key_id})"
+
+    @classmethod
+    def generate(cls) -> "TokenSigner":
+        return cls(ec.generate_private_key(ec.SECP256R1()))
+
+    def seal(self, master: "MasterKey", context: str) -> bytes:
+        der = self._private.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return master.seal(der, context)
+
+    @classmethod
+    def unseal(cls, master: "MasterKey", sealed: bytes, context: str) -> "TokenSigner":
+        key = serialization.load_der_private_key(master.unseal(sealed, context), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"sealed value for {context} is not an EC key")
+        return cls(key)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self._private, algorithm="ES256", headers={"kid": self.key_id})
+
+    def verify(self, token: str, *, audience: str, issuer: str) -> dict[str, Any]:
+        """The claims of a token this key signed, with exp, aud and iss checked. Else TokenError."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenError("the import token is not a token (wrong or damaged file?)") from None
+        if header.get("kid") != self.key_id or header.get("alg") != "ES256":
+            raise TokenError("the import token was issued by another vault; get import parameters from this one")
+        try:
+            return jwt.decode(
+                token,
+                self._private.public_key(),
+                algorithms=["ES256"],
+                audience=audience,
+                issuer=issuer,
+                options={"require": ["exp", "iat", "aud", "iss", "sub", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("the import token has expired (they are valid for 24 hours); get new import parameters") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError, jwt.MissingRequiredClaimError):
+            raise TokenError("the token is not an import token of this vault") from None
+        except jwt.PyJWTError:
+            raise TokenError("the import token's signature does not verify: it was altered") from None
+
+
+# --- backups ----------------------------------------------------------------------------------
+
+BACKUP_MAGIC = b"XKS-PROXY-BACKUP"
+_BACKUP_VERSION = 1
+BACKUP_MASTER, BACKUP_PASSPHRASE = 1, 2
+_SCRYPT = struct.Struct(">16sBBB")  # salt, log2(n), r, p
+_SCRYPT_LOG2N, _SCRYPT_R, _SCRYPT_P = 17, 8, 1
+MIN_PASSPHRASE_CHARS = 16
+
+
+class BackupError(ValueError):
+    """A backup that cannot be opened. Message is safe to show."""
+
+
+def _passphrase_key(passphrase: bytes, salt: bytes, log2n: int, r: int, p: int) -> AESGCM:
+    if not 10 <= log2n <= 20 or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise BackupError("backup header has unreasonable scrypt parameters")
+    return AESGCM(Scrypt(salt=salt, length=KEY_BYTES, n=1 << log2n, r=r, p=p).derive(passphrase))
+
+
+def seal_backup(payload: bytes, *, master: "MasterKey | None" = None, passphrase: bytes | None = None) -> bytes:
+    """Encrypt a whole backup with AES-256-GCM. The clear header says which key, and is bound as AAD.
+
+    magic || version || kind || [salt, scrypt parameters] || sealed payload.
+    kind 1: under the master key. kind 2: under scrypt(passphrase).
+    """
+    if (master is None) == (passphrase is None):
+        raise ValueError("a backup is sealed under exactly one of the master key or a passphrase")
+    if passphrase is not None:
+        params = _SCRYPT.pack(os.urandom(16), _SCRYPT_LOG2N, _SCRYPT_R, _SCRYPT_P)
+        header = BACKUP_MAGIC + bytes([_BACKUP_VERSION, BACKUP_PASSPHRASE]) + params
+        iv = new_iv()
+        gcm = _passphrase_key(passphrase, *_SCRYPT.unpack(params))
+        return header + iv + gcm.encrypt(iv, payload, header)
+    assert master is not None
+    header = BACKUP_MAGIC + bytes([_BACKUP_VERSION, BACKUP_MASTER])
+    return header + master.seal(payload, "xks-proxy backup " + header.hex())
+
+
+def backup_kind(blob: bytes) -> int:
+    """BACKUP_MASTER or BACKUP_PASSPHRASE, from the clear header."""
+    head = len(BACKUP_MAGIC)
+    if len(blob) < head + 2 or not blob.startswith(BACKUP_MAGIC):
+        raise BackupError("not an xks-proxy backup file")
+    if blob[head] != _BACKUP_VERSION:
+        raise BackupError(f"backup format {blob[head]} is not supported by this xks-proxy")
+    if blob[head + 1] not in (BACKUP_MASTER, BACKUP_PASSPHRASE):
+        raise BackupError("backup header names an unknown key kind")
+    return blob[head + 1]
+
+
+def open_backup(blob: bytes, *, master: "MasterKey | None" = None, passphrase: bytes | None = None) -> bytes:
+    kind = backup_kind(blob)
+    head = len(BACKUP_MAGIC) + 2
+    if kind == BACKUP_PASSPHRASE:
+        if passphrase is None:
+            raise BackupError("this backup is encrypted under a passphrase: give --passphrase-file")
+        header, rest = blob[: head + _SCRYPT.size], blob[head + _SCRYPT.size :]
+        if len(header) < head + _SCRYPT.size or len(rest) < IV_BYTES + TAG_BYTES:
+            raise BackupError("backup file is truncated")
+        gcm = _passphrase_key(passphrase, *_SCRYPT.unpack(header[head:]))
+        try:
+            return gcm.decrypt(rest[:IV_BYTES], rest[IV_BYTES:], header)
+        except InvalidTag:
+            raise BackupError("backup does not open with this passphrase (wrong passphrase, or the file was altered)") from None
+    if master is None:
+        raise BackupError("this backup is encrypted under the master key: supply it (--master-key-file or the environment)")
+    header = blob[:head]
+    try:
+        return master.unseal(blob[head:], "xks-proxy backup " + header.hex())
+    except ValueError:
+        raise BackupError("backup does not open under this master key (another key, or the file was altered)") from None

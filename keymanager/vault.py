@@ -1,32 +1,54 @@
-"""The local AES key vault: the default key manager.
+"""The local AES key vault: the default key manager, and the rules of a key's life.
 
-Storage is one SQLite file (WAL, synchronous=FULL, one transaction per change), holding key
-material only sealed under the master key, each blob bound to its (store, key id, version).
-A crash at any instant leaves every committed change readable and nothing half-written;
-that is SQLite's guarantee, which tests/test_vault_crash.py checks with SIGKILL.
+Storage is `keymanager.vault_storage` (one SQLite file, one transaction per change), holding
+key material only sealed under the master key, each blob bound to its (store, key id, version).
+A crash at any instant leaves every committed change readable and nothing half-written.
+
+`VaultDB` is the one place lifecycle rules live (the CLI and the admin API both call it):
+    create ─▶ ENABLED ◀─▶ DISABLED          create --no-material ─▶ PENDING_IMPORT ─import─▶ ENABLED
+    any state ─schedule-deletion (7-30 days)─▶ PENDING_DELETION ─cancel─▶ DISABLED (PENDING_IMPORT
+    if it never had material) … and after the waiting period, destroyed by the next sweep.
+GetKeyMetadata reports every state but ENABLED as DISABLED; crypto on them is InvalidStateException.
 
 The server serves from memory: `VaultKeyManager` loads every key once, then a background task
-watches a generation counter that every write bumps, and reloads when it moves. So changes
-made by the CLI reach a running server within `refresh_seconds`, and the hot path never
-touches the disk.
+watches a generation counter that every lifecycle change bumps, and reloads when it moves. So
+changes made by the CLI reach a running server within `refresh_seconds`, and the hot path never
+touches the disk. Encryptions are counted per key version against the AES-GCM limit (NIST SP
+800-38D: at most 2^32 random-IV encryptions per key) by reserving blocks of counts in the vault
+ahead of use: the stored count is an upper bound that survives a crash, and the hot path only
+increments an integer. A version whose reservations reach `rotate_after` gets a successor, made
+in the same transaction that would have crossed the threshold, so several servers rotate once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 import sqlite3
 import struct
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable
 
-from keymanager.base import EkmHealth, Encrypted, HealthState, KeyAdminError, KeyInfo, KeyManager, KeyMetadata, KeyUsage
-from keymanager.crypto import DataKey, MasterKey
+from keymanager.base import EkmHealth, Encrypted, HealthState, KeyAdminError, KeyManager, KeyMetadata, KeyUsage
+from keymanager.base import KeyInfo as BaseKeyInfo
+from keymanager.crypto import (
+    WRAPPING_ALGORITHMS,
+    WRAPPING_KEY_SPECS,
+    DataKey,
+    MasterKey,
+    TokenError,
+    TokenSigner,
+    UnwrapError,
+    WrappingKey,
+)
+from keymanager.vault_storage import ImportParamsRow, KeyRow, SchemaError, SqliteStorage, SqliteTx
 from xks_proxy.errors import (
+    DependencyTimeoutException,
     InternalException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
@@ -36,43 +58,121 @@ from xks_proxy.errors import (
 )
 
 log = logging.getLogger("xks_proxy.vault")
+audit_log = logging.getLogger("xks_proxy.audit")
 
-ENABLED, DISABLED = "ENABLED", "DISABLED"
+ENABLED, DISABLED, PENDING_IMPORT, PENDING_DELETION = "ENABLED", "DISABLED", "PENDING_IMPORT", "PENDING_DELETION"
+ORIGIN_VAULT, ORIGIN_EXTERNAL = "VAULT", "EXTERNAL"
 INTERNAL_STORE = "#internal"  # '#' is not a prefix character: no URI can reach these keys.
 HEALTH_KEY = "health"
 _METADATA = struct.Struct(">BI")  # format 1, key version
 _METADATA_FORMAT = 1
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', 0), ('schema', 1);
-CREATE TABLE IF NOT EXISTS keys (
-    store TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    usage TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (store, key_id)
-);
-CREATE TABLE IF NOT EXISTS key_versions (
-    store TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    sealed BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (store, key_id, version),
-    FOREIGN KEY (store, key_id) REFERENCES keys (store, key_id)
-);
-"""
+MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
+MAX_ENCRYPTIONS = 1 << 32  # NIST SP 800-38D, random 96-bit IVs: never more under one key
+DEFAULT_ROTATE_AFTER = 1 << 31
+DEFAULT_COUNT_BLOCK = 1 << 16
+IMPORT_TOKEN_SECONDS = 24 * 3600
+TOKEN_ISSUER = "xks-proxy vault"
+TOKEN_AUDIENCE = "xks-proxy import"
+_SIGNER_SECRET = "import-token-signing-key"
+
+
+def audit(event: dict[str, Any]) -> None:
+    """One JSON line on the "xks_proxy.audit" logger (the audit sink of xks_proxy.audit reads it)."""
+    audit_log.info(json.dumps({"time": iso_time(time.time()), **event}, sort_keys=True))
+
+
+def iso_time(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class VaultError(KeyAdminError):
-    """A refused vault change (the CLI prints it as one line)."""
+    """A refused vault change: the key's state does not allow it (the CLI prints it as one line)."""
+
+
+class NoSuchKey(VaultError):
+    """The key does not exist in that store."""
+
+
+class BadRequest(VaultError):
+    """An argument out of range or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo(BaseKeyInfo):
+    """A vault key as the CLI and admin API show it: no material; lifecycle fields added."""
+
+    origin: str = ORIGIN_VAULT
+    current_version: int | None = None
+    deletion_date: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **BaseKeyInfo.to_json(self),
+            "origin": self.origin,
+            "currentVersion": self.current_version,
+            "deletionDate": iso_time(self.deletion_date),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """One key version: when made, and how many encryptions the vault has reserved for it.
+
+    `reserved` is an upper bound on the encryptions done under it since `counted_since` (exact
+    after every server using it shut down cleanly; a crash leaves the unused part counted).
+    """
+
+    version: int
+    created_at: float
+    reserved: int
+    counted_since: float
+    current: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "created": iso_time(self.created_at),
+            "current": self.current,
+            "encryptionsReserved": self.reserved,
+            "countedSince": iso_time(self.counted_since),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ImportParams:
+    """What `get-import-params` hands out: a wrapping public key and the token bound to it."""
+
+    store: str
+    key_id: str
+    algorithm: str
+    key_spec: str
+    public_der: bytes
+    public_pem: bytes
+    token: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Encryptions a server may do under `version`; `rotated` if this reservation made the version."""
+
+    version: int | None
+    count: int
+    rotated: bool = False
 
 
 def material_context(store: str, key_id: str, version: int) -> str:
     """What a sealed key blob is bound to: it opens only as this version of this key."""
     return f"xks-proxy key {store!r} {key_id!r} v{version}"
+
+
+def _wrapping_context(store: str, key_id: str, params_id: str) -> str:
+    return f"xks-proxy wrapping key {store!r} {key_id!r} {params_id}"
+
+
+def _signer_context() -> str:
+    return "xks-proxy import-token signing key"
 
 
 def encode_metadata(version: int) -> bytes:
@@ -97,155 +197,426 @@ def parse_usage(text: str) -> tuple[KeyUsage, ...]:
     try:
         usage = {KeyUsage(name) for name in names}
     except ValueError:
-        raise VaultError(f"usage must be a comma-separated subset of ENCRYPT,DECRYPT, not {text!r}") from None
+        raise BadRequest(f"usage must be a comma-separated subset of ENCRYPT,DECRYPT, not {text!r}") from None
     return tuple(u for u in KeyUsage if u in usage)
 
 
-class VaultDB:
-    """Synchronous access to the vault file: the CLI's `KeyAdmin`, and the key manager's loader."""
+def _usage_text(usage: tuple[KeyUsage, ...]) -> str:
+    return ",".join(u.value for u in usage)
 
-    def __init__(self, path: Path, master_key: MasterKey) -> None:
+
+class VaultDB:
+    """The vault's lifecycle operations, over its storage. Used by the CLI, admin API and key manager.
+
+    `clock` exists so tests can act at another time in-process; nothing outside code can set it.
+    `storage` defaults to the SQLite file at `path`; another implementation of the same methods
+    (see `keymanager.vault_storage`) can be passed instead.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        master_key: MasterKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        storage: SqliteStorage | None = None,
+    ) -> None:
         self.path = path
         self._master = master_key
-        self._conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._clock = clock
+        try:
+            self._storage = storage if storage is not None else SqliteStorage(path)
+            before, after = self._storage.migrate(clock())
+        except (sqlite3.DatabaseError, SchemaError) as exc:
+            raise VaultError(f"{path} is not a usable vault: {exc}") from None
+        if before and before != after:
+            log.warning("vault %s upgraded in place from schema %d to %d", path, before, after)
+        self._ensure_health_key()
 
     @classmethod
     def create(cls, path: Path, master_key: MasterKey) -> "VaultDB":
         """A new vault with its schema and internal health key."""
-        db = cls(path, master_key)
-        db.ensure_schema()
-        return db
+        return cls(path, master_key)
 
     def close(self) -> None:
-        self._conn.close()
+        self._storage.close()
 
     def ensure_schema(self) -> None:
-        with self._write() as conn:
-            for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                conn.execute(statement)
-            exists = conn.execute(
-                "SELECT 1 FROM keys WHERE store = ? AND key_id = ?", (INTERNAL_STORE, HEALTH_KEY)
-            ).fetchone()
-            if not exists:
-                self._insert_key(conn, INTERNAL_STORE, HEALTH_KEY, (KeyUsage.ENCRYPT, KeyUsage.DECRYPT))
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction that also bumps the generation counter."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'generation'")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        """Kept for callers of the first release: opening a VaultDB already does this."""
+        self._storage.migrate(self._clock())
+        self._ensure_health_key()
 
     def generation(self) -> int:
-        row = self._conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
-        return row[0] if row else -1
+        return self._storage.generation()
 
-    def _insert_key(self, conn: sqlite3.Connection, store: str, key_id: str, usage: tuple[KeyUsage, ...]) -> None:
-        now = time.time()
-        conn.execute(
-            "INSERT INTO keys (store, key_id, state, usage, created_at) VALUES (?, ?, ?, ?, ?)",
-            (store, key_id, ENABLED, ",".join(u.value for u in usage), now),
-        )
-        sealed, _ = self._master.seal_new_key(material_context(store, key_id, 1))
-        conn.execute(
-            "INSERT INTO key_versions (store, key_id, version, sealed, created_at) VALUES (?, ?, 1, ?, ?)",
-            (store, key_id, sealed, now),
-        )
+    def snapshot(self) -> bytes:
+        """The whole vault, consistent, as bytes of a database file (for backups)."""
+        return self._storage.snapshot()
 
-    def create_key(self, store: str, key_id: str, usage: tuple[KeyUsage, ...]) -> KeyInfo:
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM keys WHERE store = ? AND key_id = ?", (store, key_id)).fetchone():
+    def _ensure_health_key(self) -> None:
+        with self._storage.read() as tx:
+            if tx.key(INTERNAL_STORE, HEALTH_KEY):
+                return
+        with self._storage.write() as tx:
+            if not tx.key(INTERNAL_STORE, HEALTH_KEY):
+                self._insert_key(tx, INTERNAL_STORE, HEALTH_KEY, (KeyUsage.ENCRYPT, KeyUsage.DECRYPT), material=True)
+
+    # --- reading
+
+    def key(self, store: str, key_id: str) -> KeyInfo:
+        with self._storage.read() as tx:
+            return _info(self._row(tx, store, key_id))
+
+    def keys(self, store: str) -> list[KeyInfo]:
+        with self._storage.read() as tx:
+            return [_info(row) for row in tx.keys(store)]
+
+    def versions(self, store: str, key_id: str) -> list[VersionInfo]:
+        with self._storage.read() as tx:
+            row = self._row(tx, store, key_id)
+            return [
+                VersionInfo(v.version, v.created_at, v.reserved, v.counted_since, v.version == row.current_version)
+                for v in tx.versions(store, key_id)
+            ]
+
+    @staticmethod
+    def _row(tx: SqliteTx, store: str, key_id: str) -> KeyRow:
+        row = tx.key(store, key_id)
+        if row is None or store == INTERNAL_STORE:
+            raise NoSuchKey(f"no key {key_id} in store {store!r}")
+        return row
+
+    # --- creating, enabling, disabling, rotating
+
+    def _insert_key(self, tx: SqliteTx, store: str, key_id: str, usage: tuple[KeyUsage, ...], material: bool) -> None:
+        now = self._clock()
+        if material:
+            tx.insert_key(store, key_id, ENABLED, _usage_text(usage), ORIGIN_VAULT, now)
+            sealed, _ = self._master.seal_new_key(material_context(store, key_id, 1))
+            tx.insert_version(store, key_id, 1, sealed, now)
+        else:
+            tx.insert_key(store, key_id, PENDING_IMPORT, _usage_text(usage), ORIGIN_EXTERNAL, now)
+
+    def create_key(self, store: str, key_id: str, usage: tuple[KeyUsage, ...], *, material: bool = True) -> KeyInfo:
+        """A new key: with fresh vault material (ENABLED), or none yet (PENDING_IMPORT, origin EXTERNAL)."""
+        with self._storage.write() as tx:
+            if tx.key(store, key_id):
                 raise VaultError(f"key {key_id} already exists in store {store!r}")
-            self._insert_key(conn, store, key_id, usage)
+            self._insert_key(tx, store, key_id, usage, material)
         return self.key(store, key_id)
 
     def set_state(self, store: str, key_id: str, state: str) -> KeyInfo:
-        with self._write() as conn:
-            updated = conn.execute(
-                "UPDATE keys SET state = ? WHERE store = ? AND key_id = ?", (state, store, key_id)
-            ).rowcount
-            if not updated:
-                raise VaultError(f"no key {key_id} in store {store!r}")
+        if state == ENABLED:
+            return self.enable(store, key_id)
+        if state == DISABLED:
+            return self.disable(store, key_id)
+        raise BadRequest("state must be ENABLED or DISABLED (deletion and import have their own commands)")
+
+    def enable(self, store: str, key_id: str) -> KeyInfo:
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            if row.state == PENDING_IMPORT:
+                raise VaultError(f"key {key_id} has no key material yet: import it (keys import) to enable it")
+            if row.state == PENDING_DELETION:
+                raise VaultError(f"key {key_id} is pending deletion: cancel the deletion first (keys cancel-deletion)")
+            tx.update_key(store, key_id, state=ENABLED, deletion_date=None)
+        return self.key(store, key_id)
+
+    def disable(self, store: str, key_id: str) -> KeyInfo:
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            if row.state == PENDING_IMPORT:
+                raise VaultError(f"key {key_id} has no key material yet; there is nothing to disable")
+            if row.state == PENDING_DELETION:
+                raise VaultError(f"key {key_id} is pending deletion, which already refuses all crypto")
+            tx.update_key(store, key_id, state=DISABLED, deletion_date=None)
         return self.key(store, key_id)
 
     def rotate(self, store: str, key_id: str) -> KeyInfo:
         """Add a new version: new encryptions use it, older versions keep decrypting."""
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT MAX(version) FROM key_versions WHERE store = ? AND key_id = ?", (store, key_id)
-            ).fetchone()
-            if row[0] is None:
-                raise VaultError(f"no key {key_id} in store {store!r}")
-            version = row[0] + 1
-            sealed, _ = self._master.seal_new_key(material_context(store, key_id, version))
-            conn.execute(
-                "INSERT INTO key_versions (store, key_id, version, sealed, created_at) VALUES (?, ?, ?, ?, ?)",
-                (store, key_id, version, sealed, time.time()),
-            )
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            if row.origin == ORIGIN_EXTERNAL:
+                raise VaultError(
+                    f"key {key_id} holds imported key material: rotating would add material you do not hold; "
+                    "create a new key and import new material into it instead"
+                )
+            if row.state not in (ENABLED, DISABLED):
+                raise VaultError(f"key {key_id} is {row.state}; only ENABLED or DISABLED keys rotate")
+            self._add_version(tx, store, key_id, row.current_version + 1, reserved=0)
         return self.key(store, key_id)
 
-    def key(self, store: str, key_id: str) -> KeyInfo:
-        for info in self.keys(store, key_id):
-            return info
-        raise VaultError(f"no key {key_id} in store {store!r}")
+    def _add_version(self, tx: SqliteTx, store: str, key_id: str, version: int, reserved: int) -> None:
+        sealed, _ = self._master.seal_new_key(material_context(store, key_id, version))
+        tx.insert_version(store, key_id, version, sealed, self._clock(), reserved=reserved)
+        tx.bump = True
 
-    def keys(self, store: str, key_id: str | None = None) -> list[KeyInfo]:
-        sql = (
-            "SELECT k.store, k.key_id, k.state, k.usage, k.created_at, COUNT(v.version) FROM keys k "
-            "JOIN key_versions v ON v.store = k.store AND v.key_id = k.key_id WHERE k.store = ?"
+    # --- deletion
+
+    def schedule_deletion(self, store: str, key_id: str, pending_days: int) -> KeyInfo:
+        """PENDING_DELETION for `pending_days` (7-30), then destroyed. Crypto is refused meanwhile."""
+        whole = isinstance(pending_days, int) and not isinstance(pending_days, bool)
+        if not whole or not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
+            raise BadRequest(f"pending days must be a whole number from {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS}")
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            if row.state == PENDING_DELETION:
+                raise VaultError(f"key {key_id} is already scheduled for deletion on {iso_time(row.deletion_date)}")
+            tx.update_key(store, key_id, state=PENDING_DELETION, deletion_date=self._clock() + pending_days * 86400)
+        return self.key(store, key_id)
+
+    def cancel_deletion(self, store: str, key_id: str) -> KeyInfo:
+        """As KMS: back to DISABLED (or PENDING_IMPORT if it never had material); enable it yourself."""
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            if row.state != PENDING_DELETION:
+                raise VaultError(f"key {key_id} is {row.state}, not pending deletion")
+            state = DISABLED if row.version_count else PENDING_IMPORT
+            tx.update_key(store, key_id, state=state, deletion_date=None)
+        return self.key(store, key_id)
+
+    def sweep(self, actor: str) -> list[KeyInfo]:
+        """Destroy every key whose waiting period is over. Cheap when nothing is due (one read)."""
+        now = self._clock()
+        with self._storage.read() as tx:
+            if not tx.keys_due_for_deletion(now):
+                return []
+        with self._storage.write() as tx:
+            due = tx.keys_due_for_deletion(now)  # again, inside the lock: another process may have swept
+            for row in due:
+                tx.delete_key(row.store, row.key_id)
+            tx.delete_expired_import_params(now)
+        self._storage.forget_deleted()
+        destroyed = [_info(row) for row in due]
+        for info in destroyed:
+            log.warning(
+                "destroyed key %s in store %r: its deletion date %s passed", info.key_id, info.store, iso_time(info.deletion_date)
+            )
+            audit(
+                {
+                    "event": "key-lifecycle",
+                    "action": "destroy",
+                    "actor": actor,
+                    "store": info.store,
+                    "keyId": info.key_id,
+                    "outcome": "OK",
+                    "deletionDate": iso_time(info.deletion_date),
+                }
+            )
+        return destroyed
+
+    # --- importing key material
+
+    def import_params(self, store: str, key_id: str, algorithm: str, key_spec: str) -> ImportParams:
+        """A fresh RSA wrapping key (private half sealed here) and a 24-hour token bound to it."""
+        if algorithm not in WRAPPING_ALGORITHMS:
+            raise BadRequest(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
+        if key_spec not in WRAPPING_KEY_SPECS:
+            raise BadRequest(f"wrapping key spec must be one of {', '.join(WRAPPING_KEY_SPECS)}")
+        self._check_importable(self.key(store, key_id))
+        wrapping = WrappingKey.generate(key_spec)  # outside any transaction: RSA-4096 takes a while
+        signer = self._signer()
+        params_id = secrets.token_urlsafe(18)
+        now = self._clock()
+        expires = now + IMPORT_TOKEN_SECONDS
+        with self._storage.write(bump=False) as tx:
+            self._check_importable(_info(self._row(tx, store, key_id)))
+            tx.delete_expired_import_params(now)
+            sealed = wrapping.seal(self._master, _wrapping_context(store, key_id, params_id))
+            row = ImportParamsRow(params_id, store, key_id, algorithm, key_spec, sealed, wrapping.fingerprint, now, expires)
+            tx.insert_import_params(row)
+        token = signer.sign(
+            {
+                "iss": TOKEN_ISSUER,
+                "aud": TOKEN_AUDIENCE,
+                "sub": key_id,
+                "store": store,
+                "jti": params_id,
+                "wrappingAlgorithm": algorithm,
+                "wrappingKeySpec": key_spec,
+                "wrappingKeySha256": wrapping.fingerprint,
+                "iat": int(now),
+                "exp": int(expires),
+            }
         )
-        args: tuple[str, ...] = (store,)
-        if key_id is not None:
-            sql += " AND k.key_id = ?"
-            args += (key_id,)
-        sql += " GROUP BY k.store, k.key_id ORDER BY k.key_id"
-        return [
-            KeyInfo(store=r[0], key_id=r[1], state=r[2], usage=parse_usage(r[3]), versions=r[5], created_at=r[4])
-            for r in self._conn.execute(sql, args)
-        ]
+        return ImportParams(store, key_id, algorithm, key_spec, wrapping.public_der(), wrapping.public_pem(), token, expires)
+
+    @staticmethod
+    def _check_importable(info: KeyInfo) -> None:
+        if info.origin != ORIGIN_EXTERNAL:
+            raise VaultError(
+                f"key {info.key_id} was made with vault-generated material; import works only into keys "
+                "created with --no-material"
+            )
+        if info.state == PENDING_DELETION:
+            raise VaultError(f"key {info.key_id} is pending deletion: cancel the deletion first")
+
+    def _signer(self) -> TokenSigner:
+        """The vault's import-token signing key, made on first use."""
+        with self._storage.read() as tx:
+            sealed = tx.secret(_SIGNER_SECRET)
+        if sealed is None:
+            with self._storage.write(bump=False) as tx:
+                sealed = tx.secret(_SIGNER_SECRET)
+                if sealed is None:
+                    sealed = TokenSigner.generate().seal(self._master, _signer_context())
+                    tx.insert_secret(_SIGNER_SECRET, sealed, self._clock())
+        return TokenSigner.unseal(self._master, sealed, _signer_context())
+
+    def import_material(self, store: str, key_id: str, token: str, encrypted: bytes) -> tuple[KeyInfo, bool]:
+        """Unwrap and store imported material. Returns (key, True if stored / False if the same was there)."""
+        with self._storage.read() as tx:
+            sealed_signer = tx.secret(_SIGNER_SECRET)
+        if sealed_signer is None:
+            raise VaultError("the import token was issued by another vault; get import parameters from this one")
+        signer = TokenSigner.unseal(self._master, sealed_signer, _signer_context())
+        try:
+            claims = signer.verify(token.strip(), audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
+        except TokenError as exc:
+            raise VaultError(str(exc)) from None
+        if claims["sub"] != key_id or claims.get("store") != store:
+            raise VaultError(
+                f"the import token is for key {claims['sub']} in store {claims.get('store')!r}, "
+                f"not key {key_id} in store {store!r}"
+            )
+        now = self._clock()
+        with self._storage.read() as tx:
+            params = tx.import_params(str(claims["jti"]))
+        if params is None or params.expires_at <= now or (params.store, params.key_id) != (store, key_id):
+            raise VaultError("the import parameters of this token are gone (expired, or the key was deleted); get new ones")
+        wrapping = WrappingKey.unseal(self._master, params.sealed_private, _wrapping_context(store, key_id, params.params_id))
+        if wrapping.fingerprint != params.public_fingerprint or claims.get("wrappingKeySha256") != params.public_fingerprint:
+            raise VaultError("the import token does not match its wrapping key")
+        try:
+            context = material_context(store, key_id, 1)
+            sealed, material = wrapping.unwrap_and_seal(params.algorithm, encrypted, self._master, context)
+        except UnwrapError as exc:
+            raise VaultError(str(exc)) from None
+        with self._storage.write() as tx:
+            row = self._row(tx, store, key_id)
+            self._check_importable(_info(row))
+            if row.version_count == 0:
+                tx.insert_version(store, key_id, 1, sealed, now)
+                tx.update_key(store, key_id, state=ENABLED, deletion_date=None)
+                stored = True
+            else:
+                existing = self._master.data_key(tx.versions(store, key_id)[0].sealed, material_context(store, key_id, 1))
+                if not existing.same_material(material):
+                    raise VaultError(
+                        f"key {key_id} already has different key material; importing other material would make "
+                        "its ciphertexts undecryptable (re-import only the same material)"
+                    )
+                tx.bump = False
+                stored = False
+        return self.key(store, key_id), stored
+
+    # --- usage counting, for the key manager
+
+    def reserve(self, store: str, key_id: str, block: int, rotate_after: int, may_rotate: bool = True) -> Grant:
+        """Reserve up to `block` encryptions under the key's current version, in one transaction.
+
+        A version gets at most `rotate_after` (vault keys) or MAX_ENCRYPTIONS (imported material,
+        which the vault cannot replace). When a vault key's current version is full, the same
+        transaction adds its successor, so with many servers exactly one of them rotates: the
+        others find the new version already current.
+        """
+        with self._storage.write(bump=False) as tx:
+            row = tx.key(store, key_id)
+            if row is None or row.current_version is None:
+                return Grant(None, 0)
+            version = row.current_version
+            reserved = tx.versions(store, key_id)[-1].reserved
+            limit = rotate_after if row.origin == ORIGIN_VAULT else MAX_ENCRYPTIONS
+            room = limit - reserved
+            if room > 0:
+                count = min(block, room)
+                tx.add_reserved(store, key_id, version, count)
+                if row.origin == ORIGIN_EXTERNAL and reserved < rotate_after <= reserved + count:
+                    log.warning(
+                        "key %s (imported material) passed %d encryptions; at %d it refuses to encrypt",
+                        key_id,
+                        rotate_after,
+                        MAX_ENCRYPTIONS,
+                    )
+                return Grant(version, count)
+            if row.origin != ORIGIN_VAULT or row.state != ENABLED or not may_rotate:
+                return Grant(version, 0)
+            count = min(block, rotate_after)
+            self._add_version(tx, store, key_id, version + 1, reserved=count)
+        log.info("key %s in store %r reached %d encryptions on v%d; rotated", key_id, store, rotate_after, version)
+        audit(
+            {
+                "event": "key-lifecycle",
+                "action": "auto-rotate",
+                "actor": "xks-proxy server",
+                "store": store,
+                "keyId": key_id,
+                "outcome": "OK",
+                "version": version + 1,
+            }
+        )
+        return Grant(version + 1, count, rotated=True)
+
+    def release(self, store: str, key_id: str, version: int, count: int) -> None:
+        """Give back reserved encryptions that were not used (on clean shutdown)."""
+        with self._storage.write(bump=False) as tx:
+            tx.add_reserved(store, key_id, version, -count)
 
     def load(self) -> tuple[int, dict[tuple[str, str], "LoadedKey"]]:
         """Every key with its opened versions, read in one consistent snapshot."""
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            generation = self.generation()
+        with self._storage.read() as tx:
+            generation = tx.generation()
             keys = {
-                (store, key_id): LoadedKey(state=state, usage=frozenset(parse_usage(usage)), versions={})
-                for store, key_id, state, usage in conn.execute("SELECT store, key_id, state, usage FROM keys")
+                (row.store, row.key_id): LoadedKey(
+                    state=row.state,
+                    usage=frozenset(parse_usage(row.usage)),
+                    origin=row.origin,
+                    versions={},
+                    current=row.current_version,
+                )
+                for row in tx.keys()
             }
-            for store, key_id, version, sealed in conn.execute(
-                "SELECT store, key_id, version, sealed FROM key_versions"
-            ):
+            for v in tx.versions():
                 try:
-                    material = self._master.data_key(sealed, material_context(store, key_id, version))
+                    material = self._master.data_key(v.sealed, material_context(v.store, v.key_id, v.version))
                 except ValueError:
-                    log.error("key %s/%s v%d does not open under the master key; it is unusable", store, key_id, version)
+                    log.error("key %s/%s v%d does not open under the master key; it is unusable", v.store, v.key_id, v.version)
                     continue
-                keys[(store, key_id)].versions[version] = material
-        finally:
-            conn.execute("COMMIT")
+                keys[(v.store, v.key_id)].versions[v.version] = material
         return generation, keys
+
+
+def _info(row: KeyRow) -> KeyInfo:
+    return KeyInfo(
+        store=row.store,
+        key_id=row.key_id,
+        state=row.state,
+        usage=parse_usage(row.usage),
+        versions=row.version_count,
+        created_at=row.created_at,
+        origin=row.origin,
+        current_version=row.current_version,
+        deletion_date=row.deletion_date,
+    )
+
+
+@dataclass(slots=True)
+class UsageCounter:
+    """This process's encryptions under one key version, and how many the vault granted it."""
+
+    used: int = 0
+    granted: int = 0
 
 
 @dataclass(slots=True)
 class LoadedKey:
     state: str
     usage: frozenset[KeyUsage]
+    origin: str
     versions: dict[int, DataKey]
-
-    @property
-    def current(self) -> int:
-        return max(self.versions)
+    current: int | None
+    #: The current version's counter (linked by the key manager; survives reloads).
+    counter: UsageCounter | None = field(default=None)
 
 
 class VaultKeyManager(KeyManager):
@@ -253,15 +624,28 @@ class VaultKeyManager(KeyManager):
 
     vendor = "xks-proxy local vault"
 
-    def __init__(self, path: Path, master_key: MasterKey, refresh_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        path: Path,
+        master_key: MasterKey,
+        refresh_seconds: float = 0.5,
+        rotate_after: int = DEFAULT_ROTATE_AFTER,
+        count_block: int = DEFAULT_COUNT_BLOCK,
+    ) -> None:
         self._path = path
         self._master = master_key
         self._refresh_seconds = refresh_seconds
+        self._rotate_after = rotate_after
+        self._block = count_block
+        self._refill_at = count_block // 2  # reserve the next block in the background from here
         self._db: VaultDB | None = None
-        # A refresh runs in a worker thread that cancelling `_watch` does not stop; the connection
-        # is closed only under this lock, never under a query (that crashes the process).
+        # Vault calls run in worker threads that cancelling a task does not stop; the connection
+        # is used and closed only under this lock, never closed under a query (that crashes).
         self._db_lock = threading.Lock()
         self._keys: dict[tuple[str, str], LoadedKey] = {}
+        self._counters: dict[tuple[str, str, int], UsageCounter] = {}
+        #: In-flight reservation per key, and whether it may rotate (only when a request waits on it).
+        self._reserving: dict[tuple[str, str], tuple[asyncio.Task[int], bool]] = {}
         self._generation = -1
         self._task: asyncio.Task[None] | None = None
         self._last_refresh_ok = True
@@ -269,9 +653,12 @@ class VaultKeyManager(KeyManager):
     async def start(self) -> None:
         if not self._path.is_file():
             raise InternalException(f"vault file {self._path} does not exist")
-        self._db = VaultDB(self._path, self._master)
-        self._db.ensure_schema()
-        self._generation, self._keys = self._db.load()
+        try:
+            self._db = VaultDB(self._path, self._master)
+        except VaultError as exc:
+            raise InternalException(str(exc)) from None
+        self._db.sweep(actor="xks-proxy server")
+        self._install(*self._db.load())
         if (INTERNAL_STORE, HEALTH_KEY) not in self._keys or not self._keys[(INTERNAL_STORE, HEALTH_KEY)].versions:
             raise InternalException("the master key does not open this vault (health key unreadable)")
         self._task = asyncio.create_task(self._watch())
@@ -283,32 +670,63 @@ class VaultKeyManager(KeyManager):
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._reserving:
+            await asyncio.gather(*(task for task, _ in self._reserving.values()), return_exceptions=True)
         await asyncio.to_thread(self._close_db)
 
     def _close_db(self) -> None:
         with self._db_lock:
-            if self._db:
+            if self._db is not None:
+                self._release_unused()
                 self._db.close()
                 self._db = None
+
+    def _release_unused(self) -> None:
+        """Give back what this process reserved but did not use, so stored counts end exact."""
+        assert self._db is not None
+        for (store, key_id, version), counter in self._counters.items():
+            if counter.granted > counter.used:
+                try:
+                    self._db.release(store, key_id, version, counter.granted - counter.used)
+                    counter.granted = counter.used
+                except Exception:  # the reservation stays an upper bound: safe, just not exact
+                    log.exception("could not give back unused encryption counts of %s/%s v%d", store, key_id, version)
+
+    def _install(self, generation: int, keys: dict[tuple[str, str], LoadedKey]) -> None:
+        """Swap in a loaded key set (on the event loop), keeping this process's counters."""
+        if generation < self._generation:
+            return  # a slower, older load finished after a newer one
+        for (store, key_id), key in keys.items():
+            if key.current is not None:
+                key.counter = self._counters.setdefault((store, key_id, key.current), UsageCounter())
+        self._counters = {k: c for k, c in self._counters.items() if (k[0], k[1]) in keys}
+        self._generation, self._keys = generation, keys
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_seconds)
             try:
-                await asyncio.to_thread(self._refresh)
+                await self._refresh()
                 self._last_refresh_ok = True
             except Exception:  # keep serving what we hold; health reports the trouble
                 if self._last_refresh_ok:
                     log.exception("vault refresh failed; serving the keys already loaded")
                 self._last_refresh_ok = False
 
-    def _refresh(self) -> None:
+    async def _refresh(self, force: bool = False) -> None:
+        loaded = await asyncio.to_thread(self._load_if_changed, force)
+        if loaded is not None:
+            self._install(*loaded)
+            log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
+
+    def _load_if_changed(self, force: bool) -> tuple[int, dict[tuple[str, str], LoadedKey]] | None:
         with self._db_lock:
             if self._db is None:
-                return
-            if self._db.generation() != self._generation:
-                self._generation, self._keys = self._db.load()
-                log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
+                return None  # closed meanwhile
+            destroyed = self._db.sweep(actor="xks-proxy server")
+            if force or destroyed or self._db.generation() != self._generation:
+                return self._db.load()
+            return None
 
     def _key(self, store: str, key_id: str) -> LoadedKey:
         key = self._keys.get((store, key_id))
@@ -330,13 +748,78 @@ class VaultKeyManager(KeyManager):
     async def encrypt(self, store: str, key_id: str, plaintext: bytes, aad: bytes | None) -> Encrypted:
         key = self._key(store, key_id)
         self._usable(key, key_id, KeyUsage.ENCRYPT)
+        counter = key.counter
+        if counter is None or counter.used >= counter.granted:
+            key, counter = await self._granted(store, key_id)
+        counter.used += 1
+        if counter.granted - counter.used == self._refill_at and not self._reserving.get((store, key_id)):
+            self._reserve(store, key_id, may_rotate=False)  # the next block, before this one runs out
         return self._encrypt(key, plaintext, aad)
 
-    @staticmethod
-    def _encrypt(key: LoadedKey, plaintext: bytes, aad: bytes | None) -> Encrypted:
+    async def _granted(self, store: str, key_id: str) -> tuple[LoadedKey, UsageCounter]:
+        """Wait (off the event loop) until this process may do one more encryption under the key."""
+        while True:
+            pending = self._reserving.get((store, key_id))
+            if pending is None or pending[0].done():  # a finished one was already counted in
+                pending = (self._reserve(store, key_id, may_rotate=True), True)
+            task, may_rotate = pending
+            count = await asyncio.shield(task)
+            key = self._key(store, key_id)
+            self._usable(key, key_id, KeyUsage.ENCRYPT)
+            counter = key.counter
+            if counter is not None and counter.used < counter.granted:
+                return key, counter
+            if count == 0 and may_rotate:
+                raise InvalidStateException(
+                    f"key {key_id} reached the AES-GCM limit of {MAX_ENCRYPTIONS} encryptions for its imported "
+                    "key material; it still decrypts, but new encryptions need a new key"
+                )
+
+    def _reserve(self, store: str, key_id: str, may_rotate: bool) -> asyncio.Task[int]:
+        task = asyncio.create_task(self._do_reserve(store, key_id, may_rotate))
+        self._reserving[(store, key_id)] = (task, may_rotate)
+        task.add_done_callback(lambda done: self._reserved(store, key_id, done))
+        return task
+
+    def _reserved(self, store: str, key_id: str, task: asyncio.Task[int]) -> None:
+        if self._reserving.get((store, key_id), (None, False))[0] is task:
+            del self._reserving[(store, key_id)]
+        if not task.cancelled():
+            task.exception()  # logged in _do_reserve; waiters get it, a background refill just drops it
+
+    def _reserve_locked(self, store: str, key_id: str, block: int, limit: int, may_rotate: bool) -> Grant:
+        """The reservation transaction (in a worker thread), never on a closed connection."""
+        with self._db_lock:
+            if self._db is None:
+                raise InternalException("the vault is closed")
+            return self._db.reserve(store, key_id, block, limit, may_rotate)
+
+    async def _do_reserve(self, store: str, key_id: str, may_rotate: bool) -> int:
+        """One reservation transaction; installs the grant. Rotation only when a request is waiting."""
+        assert self._db is not None
+        block, limit = self._block, self._rotate_after
+        try:
+            grant = await asyncio.to_thread(self._reserve_locked, store, key_id, block, limit, may_rotate)
+        except sqlite3.OperationalError:
+            log.exception("could not reserve encryption counts for %s/%s", store, key_id)
+            raise DependencyTimeoutException("the vault is busy; could not reserve encryption counts") from None
+        except Exception:
+            log.exception("could not reserve encryption counts for %s/%s", store, key_id)
+            raise InternalException("could not reserve encryption counts; see the proxy log") from None
+        if grant.version is not None and grant.count:
+            self._counters.setdefault((store, key_id, grant.version), UsageCounter()).granted += grant.count
+        key = self._keys.get((store, key_id))
+        if key is None or grant.version != key.current or (grant.count == 0 and may_rotate):
+            await self._refresh(force=True)  # rotated (here or elsewhere), deleted, or disabled
+        return grant.count
+
+    def _encrypt(self, key: LoadedKey, plaintext: bytes, aad: bytes | None) -> Encrypted:
         version = key.current
+        material = key.versions.get(version) if version is not None else None
+        if material is None:
+            raise InternalException("the current key material does not open under the master key")
         metadata = encode_metadata(version)
-        iv, ciphertext, tag = key.versions[version].encrypt(plaintext, aad, metadata)
+        iv, ciphertext, tag = material.encrypt(plaintext, aad, metadata)
         return Encrypted(ciphertext=ciphertext, iv=iv, tag=tag, metadata=metadata, key_version=version)
 
     async def decrypt(
@@ -356,6 +839,10 @@ class VaultKeyManager(KeyManager):
             raise InvalidCiphertextException("ciphertextMetadata names a key version this key does not have")
         return material.decrypt(iv, ciphertext, tag, aad, metadata)
 
+    def usage_counts(self, store: str, key_id: str) -> dict[int, int]:
+        """Exact encryptions this process did per version since it started (the admin API shows them)."""
+        return {k[2]: c.used for k, c in self._counters.items() if k[0] == store and k[1] == key_id}
+
     def key_version(self, metadata: bytes | None) -> int | None:
         try:
             return decode_metadata(metadata)
@@ -368,7 +855,8 @@ class VaultKeyManager(KeyManager):
             key = self._keys[(INTERNAL_STORE, HEALTH_KEY)]
             probe = b"xks-proxy health probe"
             sealed = self._encrypt(key, probe, b"health")
-            if key.versions[key.current].decrypt(sealed.iv, sealed.ciphertext, sealed.tag, b"health", sealed.metadata) != probe:
+            material = key.versions[sealed.key_version]
+            if material.decrypt(sealed.iv, sealed.ciphertext, sealed.tag, b"health", sealed.metadata) != probe:
                 raise InternalException("health probe round trip returned other bytes")
         except (XksError, KeyError):
             log.exception("vault health probe failed")

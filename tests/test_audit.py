@@ -157,7 +157,10 @@ async def test_full_run_leaves_no_data_or_secret_in_any_log(home: Home, caplog: 
             leaked = text.encode() in haystack
             assert not leaked, f"text secret #{number} (credential secret or master key) is in the {name}"
 
-    records = {r["kmsRequestId"]: r for r in map(json.loads, audit_bytes.decode().splitlines()) if r["kmsRequestId"]}
+    everything = [json.loads(line) for line in audit_bytes.decode().splitlines()]
+    assert [r["action"] for r in everything if r["event"] == "access-admin"] == ["credentials-add"]
+    everything = [r for r in everything if r["event"] == "xks.request"]
+    records = {r["kmsRequestId"]: r for r in everything if r["kmsRequestId"]}
     for request_id, (outcome, version) in expected.items():
         record = records[request_id]
         assert all(field in record for field in FIELDS), record
@@ -165,7 +168,6 @@ async def test_full_run_leaves_no_data_or_secret_in_any_log(home: Home, caplog: 
     assert records["denied-1"]["deniedBy"] == "implicit-deny:key"
     assert records["enc-1"]["kmsViaService"] == "ebs.us-east-1.amazonaws.com" and records["enc-1"]["store"] == "test"
     assert records["health-1"]["kmsOperation"] == "KmsHealthCheck"
-    everything = [json.loads(line) for line in audit_bytes.decode().splitlines()]
     # (the forged request, and tries of the new credential before the proxy had taken it up)
     unauthenticated = [r for r in everything if r["outcome"] == "AuthenticationFailedException"]
     assert unauthenticated and all(r["status"] == 401 for r in unauthenticated)
@@ -207,3 +209,13 @@ async def test_unwritable_audit_file_stops_the_start(home: Home) -> None:
     edit_config(home.path, lambda raw: raw.update(audit={"path": "config.toml/audit.log"}))  # its "directory" is a file
     with pytest.raises(ConfigError, match="audit.path: cannot write"):
         await start(home.config, port=0, plain_http=True)
+
+
+@pytest.mark.vault_only
+def test_key_lifecycle_from_the_cli_is_audited_to_the_file(home: Home) -> None:
+    result = cli(home.path, "keys", "disable", "foo")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (home.path / "audit.log").read_text().splitlines()]
+    (record,) = [r for r in records if r.get("event") == "key-lifecycle"]
+    assert (record["action"], record["keyId"], record["outcome"]) == ("disable", "foo", "OK")
+    assert record["actor"].startswith("cli:") and stat.S_IMODE((home.path / "audit.log").stat().st_mode) == 0o600

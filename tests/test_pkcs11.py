@@ -596,3 +596,20 @@ def test_pin_in_config_is_one_clear_line_from_the_cli(hsm_home: Home) -> None:
     result = cli(hsm_home, "serve", "--http", check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "pkcs11.pin: unknown field" in result.stderr and "1234" not in result.stderr
+
+
+def test_lifecycle_is_vault_only(tmp_path: Path, softhsm: SoftHsm) -> None:
+    """On a real pkcs11 home, the vault's lifecycle commands and admin API are refused in one line."""
+    from tests.lifecycle_util import cli, patch_config
+    from tests.test_lifecycle_config import _admin
+    from xks_proxy.config import ConfigError
+
+    home = pkcs11_home(tmp_path / "home", softhsm)
+    done = cli("keys", "schedule-deletion", "foo", "--pending-days", "7", home=home.path)
+    assert done.returncode == 1 and "keys schedule-deletion is not supported on backend pkcs11" in done.stderr
+    done = cli("vault", "backup", str(home.path / "x.bak"), home=home.path)
+    assert done.returncode == 1 and "not supported on backend pkcs11" in done.stderr
+    patch_config(home.path, admin=_admin())
+    (home.path / "jwt.secret").write_text("s" * 40)
+    with pytest.raises(ConfigError, match="admin.enabled: .* not supported on backend pkcs11"):
+        configmod.load(home.path)

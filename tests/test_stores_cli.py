@@ -82,6 +82,15 @@ async def test_rotation_add_export_remove_without_restart(home: Home) -> None:
             assert await status_of(new) == 200
     raw = tomllib.loads((home.path / "config.toml").read_text())
     assert raw["custom_extension"] == {"owner": "platform team", "levels": [1, 2]}, "unknown sections survive"
+    audit_text = (home.path / "audit.log").read_text()
+    changes = [r for r in map(json.loads, audit_text.splitlines()) if r.get("event") == "access-admin"]
+    assert [(r["action"], r["accessKeyId"], r["store"]) for r in changes] == [
+        ("credentials-add", akid, "/test/kms/xks/v1"),
+        ("credentials-remove", home.access_key_id, "/test/kms/xks/v1"),
+    ]
+    assert all(r["actor"].startswith("cli:") and r["time"] for r in changes)
+    leaked = secret in audit_text or home.secret in audit_text
+    assert not leaked, "no secret in the audit log"
 
 
 async def _is(call, expected: int) -> bool:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -63,8 +64,8 @@ def test_sigkill_mid_write_loses_nothing_committed(tmp_path: Path) -> None:
 
         db = VaultDB(cfg.vault.path, cfg.master_key)
         try:
-            integrity = db._conn.execute("PRAGMA integrity_check").fetchone()[0]
-            assert integrity == "ok"
+            with sqlite3.connect(cfg.vault.path) as check:
+                assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             _, keys = db.load()  # opens every sealed version under the master key
         finally:
             db.close()

@@ -11,6 +11,8 @@ slow disk never stalls a request. The file and its rotated copies are 0600.
 With several worker processes, rotating one file from many processes would lose records, so
 workers forward each record as one datagram to the supervisor's sidecar, the only writer of
 the file (`AuditLog(config, forward_to=socket)` in a worker, `file_handler` in the sidecar).
+A CLI process (key lifecycle, credentials, stores) appends its records with `append_only`: no
+rotation (the server's job), and O_APPEND on both sides keeps whole lines.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ logger.setLevel(logging.INFO)
 MAX_FIELD = 2048
 
 _sinks = 0  # open AuditLogs; records are built only when there is somewhere to put them
+_appender: logging.Handler | None = None
 
 
 def enabled() -> bool:
@@ -84,6 +87,28 @@ def file_handler(config: AuditConfig) -> logging.Handler:
         raise ConfigError(f"audit.path: cannot write {config.path}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    def _open(self):  # type: ignore[no-untyped-def]
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
+def append_only(config: AuditConfig) -> None:
+    """Audit this (short-lived, CLI) process's records to the audit file, appended synchronously."""
+    global _appender, _sinks
+    if config.path is None or _appender is not None:
+        return
+    try:
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"audit.path: cannot write {config.path}: {exc.strerror}") from None
+    _appender = _PrivateFileHandler(config.path, mode="a", encoding="utf-8", delay=True)  # created on first record
+    _appender.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_appender)
+    _sinks += 1
 
 
 class _Forward(logging.Handler):

@@ -8,18 +8,24 @@ and `stores export` (whose job it is).
 from __future__ import annotations
 
 import argparse
+import base64
+import getpass
 import json
 import logging
 import os
 import sys
 import tempfile
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
+from keymanager.crypto import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
 from xks_proxy.errors import XksError
+
+if TYPE_CHECKING:
+    from xks_proxy.lifecycle import KeyLifecycle
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -75,20 +81,45 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="keys in the key manager").add_subparsers(metavar="ACTION")
     store_arg = argparse.ArgumentParser(add_help=False, parents=[common])
     store_arg.add_argument("--store", help="the key store's URI prefix (needed when there are several)")
+    store_arg.add_argument("--admin-url", help="act through a running proxy's admin API (https://HOST:PORT), not the local vault")
+    store_arg.add_argument("--admin-token-file", help="file holding the admin API bearer token (a JWT)")
+    store_arg.add_argument("--admin-ca", help="CA bundle that signed the admin API's certificate (default: system CAs)")
     create = keys.add_parser("create", parents=[store_arg], help="create a key")
     create.add_argument("key_id")
     create.add_argument("--usage", default="ENCRYPT,DECRYPT", help="comma-separated ENCRYPT,DECRYPT (may be empty)")
-    create.set_defaults(func=cmd_keys_create)
-    keys.add_parser("list", parents=[store_arg], help="list keys").set_defaults(func=cmd_keys_list)
+    create.add_argument("--no-material", action="store_true", help="create without key material (PENDING_IMPORT), to import your own")
+    create.set_defaults(func=cmd_keys_create, action_name="create")
+    keys.add_parser("list", parents=[store_arg], help="list keys").set_defaults(func=cmd_keys_list, action_name="list")
     for name, helptext in (
         ("show", "show one key"),
         ("disable", "disable a key (crypto refused, metadata says DISABLED)"),
         ("enable", "enable a disabled key"),
         ("rotate", "add a new key version; old ciphertexts keep decrypting"),
+        ("versions", "list a key's versions with creation time and encryption counts"),
+        ("cancel-deletion", "cancel a scheduled deletion (the key becomes DISABLED)"),
     ):
         action = keys.add_parser(name, parents=[store_arg], help=helptext)
         action.add_argument("key_id")
-        action.set_defaults(func=_KEY_ACTIONS[name])
+        action.set_defaults(func=_KEY_ACTIONS[name], action_name=name)
+    schedule = keys.add_parser(
+        "schedule-deletion", parents=[store_arg], help="destroy a key after a waiting period (crypto refused meanwhile)"
+    )
+    schedule.add_argument("key_id")
+    schedule.add_argument("--pending-days", type=int, default=30, help="waiting period, 7 to 30 days (default 30)")
+    schedule.set_defaults(func=_KEY_ACTIONS["schedule-deletion"], action_name="schedule-deletion")
+    params = keys.add_parser(
+        "get-import-params", parents=[store_arg], help="write a wrapping public key and import token for `keys import`"
+    )
+    params.add_argument("key_id")
+    params.add_argument("--wrapping-algorithm", required=True, choices=WRAPPING_ALGORITHMS)
+    params.add_argument("--wrapping-key-spec", required=True, choices=tuple(WRAPPING_KEY_SPECS))
+    params.add_argument("--out-dir", default=".", help="where to write WrappingPublicKey.der/.pem and ImportToken (default: .)")
+    params.set_defaults(func=_KEY_ACTIONS["get-import-params"], action_name="get-import-params")
+    imp = keys.add_parser("import", parents=[store_arg], help="import wrapped key material into a key made with --no-material")
+    imp.add_argument("key_id")
+    imp.add_argument("--import-token", required=True, metavar="FILE", help="the ImportToken file from get-import-params")
+    imp.add_argument("--encrypted-key-material", required=True, metavar="FILE", help="the key material wrapped to the public key")
+    imp.set_defaults(func=_KEY_ACTIONS["import"], action_name="import")
 
     for extra in _EXTRA_COMMANDS:
         extra(sub, common)
@@ -143,11 +174,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = args.port or 8443
     akid, secret = init_home(home, "demo", "us-east-1", port)
     config = configmod.load(home)
-    admin = _admin(config)
+    from keymanager.vault import parse_usage
+
+    db = _vault(config)
     try:
-        admin.create_key("demo", "foo", _usage("ENCRYPT,DECRYPT"))
+        db.create_key("demo", "foo", parse_usage("ENCRYPT,DECRYPT"))
     finally:
-        admin.close()
+        db.close()
     scheme = "http" if args.http else "https"
     host = args.host or config.server.host
     print(
@@ -186,7 +219,13 @@ def _setup_logging(level: str) -> None:
 # --- keys ----------------------------------------------------------------------------------------
 
 
-def _admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
+def _vault(config: configmod.Config):  # -> keymanager.vault.VaultDB
+    if config.backend != "vault":
+        raise CommandError(f"this command needs the vault backend, not {config.backend!r}")
+    return _key_admin(config)
+
+
+def _key_admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
     """The configured backend's key administration (the vault file, or the HSM token)."""
     from keymanager import create_key_admin
     from keymanager.base import KeyAdminError
@@ -197,80 +236,125 @@ def _admin(config: configmod.Config):  # -> keymanager.base.KeyAdmin
         raise CommandError(str(exc)) from None
 
 
-def _usage(text: str):
-    from keymanager.vault import VaultError, parse_usage
-
-    try:
-        return parse_usage(text)
-    except VaultError as exc:
-        raise CommandError(f"--usage: {exc}") from None
-
-
 def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace], int]:
-    """Run a KeyAdmin action for (store, key id), turning refusals into one-line errors."""
+    """Run a lifecycle action on the local vault or through --admin-url; refusals are one-line errors."""
 
     def run(args: argparse.Namespace) -> int:
         from keymanager.base import KeyAdminError
+        from xks_proxy.admin_client import AdminError
 
-        config = _load(args)
-        store = config.store(args.store)
-        key_id = getattr(args, "key_id", None)
-        if key_id is not None and not store.allows(key_id):
-            raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
-        admin = _admin(config)
         try:
-            info = action(admin, store, args)
-        except KeyAdminError as exc:
+            with _lifecycle(args) as keys:
+                result = action(keys, args)
+        except (KeyAdminError, AdminError) as exc:
             raise CommandError(str(exc)) from None
-        finally:
-            admin.close()
-        if info is not None:
-            print(json.dumps(_key_json(info), indent=2))
+        if result is not None:
+            print(json.dumps(result, indent=2))
         return 0
 
     return run
 
 
-def _key_json(info) -> dict[str, object]:  # info: keymanager.base.KeyInfo
-    shown: dict[str, object] = {
-        "keyId": info.key_id,
-        "store": info.store,
-        "keyStatus": info.state,
-        "keyUsage": [u.value for u in info.usage],
-        "keySpec": info.key_spec,
-    }
-    if info.versions is not None:
-        shown["versions"] = info.versions
-    if info.created_at is not None:
-        shown["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at))
-    return shown
+@contextmanager
+def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
+    """The admin API client (--admin-url), or the local vault after destroying keys that are due."""
+    from xks_proxy.lifecycle import VaultLifecycle
+
+    if args.admin_url:
+        from xks_proxy.admin_client import AdminClient
+
+        if not args.admin_token_file:
+            raise CommandError("--admin-url needs --admin-token-file")
+        try:
+            token = Path(args.admin_token_file).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"--admin-token-file: {exc.strerror}: {args.admin_token_file}") from None
+        yield AdminClient(args.admin_url, token, args.store, ca_file=args.admin_ca)
+        return
+    config = _load(args)
+    store = config.store(args.store)
+    key_id = getattr(args, "key_id", None)
+    if key_id is not None and not store.allows(key_id):
+        raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
+    from xks_proxy import audit
+
+    audit.append_only(config.audit)  # lifecycle actions are audited, from the CLI too
+    if config.backend != "vault":
+        from xks_proxy.lifecycle import KeyAdminLifecycle
+
+        admin = _key_admin(config)
+        try:
+            yield KeyAdminLifecycle(admin, store, args.action_name, config.backend)
+        finally:
+            admin.close()
+        return
+    db = _vault(config)
+    try:
+        actor = _cli_actor()
+        for info in db.sweep(actor=actor):
+            print(f"xks-proxy: destroyed key {info.key_id} in store {info.store!r}: its deletion date passed", file=sys.stderr)
+        yield VaultLifecycle(db, store.prefix, actor, "cli")
+    finally:
+        db.close()
 
 
-def _list(admin, store: configmod.Store, args: argparse.Namespace) -> None:
-    for info in admin.keys(store.prefix):
-        if not store.allows(info.key_id):
-            continue
-        usage = ",".join(u.value for u in info.usage) or "-"
-        last = f"versions={info.versions}" if info.versions is not None else f"keySpec={info.key_spec}"
-        print(f"{info.key_id}\t{info.state}\t{usage}\t{last}")
+def _cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return f"cli:uid={os.getuid()}"
 
 
-cmd_keys_create = _key_command(
-    lambda admin, store, args: admin.create_key(store.prefix, _checked_key_id(args.key_id), _usage(args.usage))
-)
+def _list(keys: "KeyLifecycle", args: argparse.Namespace) -> None:
+    for info in keys.list():
+        usage = ",".join(info["keyUsage"]) or "-"
+        last = f"versions={info['versions']}" if "versions" in info else f"keySpec={info['keySpec']}"
+        line = f"{info['keyId']}\t{info['keyStatus']}\t{usage}\t{last}"
+        if info.get("deletionDate"):
+            line += f"\tdeletion={info['deletionDate']}"
+        print(line)
+
+
+def _get_import_params(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, object]:
+    """Write the wrapping public key (DER and PEM) and the import token, as KMS's console offers them."""
+    from cryptography.hazmat.primitives import serialization
+
+    params = keys.import_params(args.key_id, args.wrapping_algorithm, args.wrapping_key_spec)
+    der = base64.b64decode(params["publicKey"])
+    pem = serialization.load_der_public_key(der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"WrappingPublicKey.der": der, "WrappingPublicKey.pem": pem, "ImportToken": params["importToken"].encode() + b"\n"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    summary = {k: v for k, v in params.items() if k not in ("publicKey", "importToken")}
+    return {**summary, "files": [str(out / name) for name in files]}
+
+
+def _import(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, object]:
+    try:
+        token = Path(args.import_token).read_text().strip()
+        material = Path(args.encrypted_key_material).read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {getattr(exc, 'filename', None) or 'the import token'}: {exc}") from None
+    return keys.import_material(args.key_id, token, material)
+
+
+cmd_keys_create = _key_command(lambda keys, args: keys.create(args.key_id, args.usage, args.no_material))
 cmd_keys_list = _key_command(_list)
 _KEY_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "show": _key_command(lambda admin, store, args: admin.key(store.prefix, args.key_id)),
-    "disable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "DISABLED")),
-    "enable": _key_command(lambda admin, store, args: admin.set_state(store.prefix, args.key_id, "ENABLED")),
-    "rotate": _key_command(lambda admin, store, args: admin.rotate(store.prefix, args.key_id)),
+    "show": _key_command(lambda keys, args: keys.show(args.key_id)),
+    "disable": _key_command(lambda keys, args: keys.disable(args.key_id)),
+    "enable": _key_command(lambda keys, args: keys.enable(args.key_id)),
+    "rotate": _key_command(lambda keys, args: keys.rotate(args.key_id)),
+    "versions": _key_command(lambda keys, args: keys.versions(args.key_id)),
+    "schedule-deletion": _key_command(lambda keys, args: keys.schedule_deletion(args.key_id, args.pending_days)),
+    "cancel-deletion": _key_command(lambda keys, args: keys.cancel_deletion(args.key_id)),
+    "get-import-params": _key_command(_get_import_params),
+    "import": _key_command(_import),
 }
-
-
-def _checked_key_id(key_id: str) -> str:
-    if not configmod.KEY_ID_RE.match(key_id):
-        raise CommandError(f"key id {key_id!r} must be 1-128 characters of [A-Za-z0-9._-]")
-    return key_id
 
 
 def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -295,10 +379,17 @@ def _import_config(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     import_config.register(sub, common)
 
 
+def _vault_backup(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import backup
+
+    backup.register(sub, common)
+
+
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
     _conformance,
     _stores_and_credentials,
     _import_config,
+    _vault_backup,
 ]
 
 

@@ -118,6 +118,32 @@ class ServerConfig:
 class VaultConfig:
     path: Path
     refresh_seconds: float = 0.5
+    #: A key version gets a successor before it exceeds this many encryptions (AES-GCM limit: 2^32).
+    rotate_after_encryptions: int = 1 << 31
+    #: Encryptions a server reserves in the vault at a time (what a crash can leave counted but unused).
+    count_block: int = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class AdminJwtConfig:
+    """How admin API bearer tokens are verified: one HS256 secret, or RS256/ES256 public keys."""
+
+    audience: str
+    issuer: str
+    hs256_secret: bytes | None = field(default=None, repr=False)
+    public_keys: tuple[Any, ...] = ()  # RSAPublicKey / EllipticCurvePublicKey (P-256)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The optional HTTPS admin listener (off by default)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8444
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    jwt: AdminJwtConfig | None = None
 
 
 IV_MODES = ("proxy", "hsm-zero-buffer", "hsm-appended")
@@ -203,6 +229,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
     pkcs11: Pkcs11Config | None = None
+    admin: AdminConfig = AdminConfig()
 
     def store(self, prefix: str | None) -> Store:
         """The store a CLI command means: the one named, or the only one."""
@@ -252,6 +279,7 @@ def from_raw(home: Path, raw: dict[str, Any]) -> Config:
         metrics=_metrics(_table(raw, "metrics")),
         audit=_audit(home, raw.get("audit", {"path": "audit.log"})),
         pkcs11=_pkcs11(home, raw) if backend == "pkcs11" else None,
+        admin=_admin(home, _table(raw, "admin"), backend),
     )
 
 
@@ -388,7 +416,73 @@ def _vault(home: Path, table: dict[str, Any]) -> VaultConfig:
     refresh = _get(table, "vault.refresh_seconds", "refresh_seconds", float, 0.5)
     if not 0.05 <= refresh <= 2.0:
         raise ConfigError("vault.refresh_seconds: must be between 0.05 and 2 (changes must show within 2 s)")
-    return VaultConfig(path=(home / path).resolve(), refresh_seconds=refresh)
+    return VaultConfig(
+        path=(home / path).resolve(),
+        refresh_seconds=refresh,
+        rotate_after_encryptions=_int_range(
+            table, "vault.rotate_after_encryptions", "rotate_after_encryptions", 1 << 31, 1, 1 << 32
+        ),
+        count_block=_int_range(table, "vault.count_block", "count_block", 1 << 16, 1, 1 << 24),
+    )
+
+
+def _admin(home: Path, table: dict[str, Any], backend: str) -> AdminConfig:
+    """[admin]: validated fully only when enabled (a disabled listener needs nothing)."""
+    enabled = _get(table, "admin.enabled", "enabled", bool, False)
+    if not enabled:
+        return AdminConfig()
+    if backend != "vault":
+        raise ConfigError(f"admin.enabled: the admin API manages vault keys; it is not supported on backend {backend}")
+    tls_cert = _file(home, table, "admin.tls_cert", "tls_cert", None)
+    tls_key = _file(home, table, "admin.tls_key", "tls_key", None)
+    if tls_cert is None or tls_key is None:
+        raise ConfigError("admin.tls_cert: the admin listener is HTTPS only; set admin.tls_cert and admin.tls_key")
+    return AdminConfig(
+        enabled=True,
+        host=_get(table, "admin.host", "host", str, "127.0.0.1"),
+        port=_int_range(table, "admin.port", "port", 8444, 0, 65535),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        jwt=_admin_jwt(home, _table(table, "jwt") if "jwt" in table else {}),
+    )
+
+
+def _admin_jwt(home: Path, table: dict[str, Any]) -> AdminJwtConfig:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    audience = _get(table, "admin.jwt.audience", "audience", str, None)
+    issuer = _get(table, "admin.jwt.issuer", "issuer", str, None)
+    for where, value in (("admin.jwt.audience", audience), ("admin.jwt.issuer", issuer)):
+        if not value.strip():
+            raise ConfigError(f"{where}: must not be empty (tokens are checked against it)")
+    secret_path = _file(home, table, "admin.jwt.hs256_secret_file", "hs256_secret_file", None)
+    key_files = table.get("public_key_files", [])
+    if not isinstance(key_files, list) or not all(isinstance(f, str) for f in key_files):
+        raise ConfigError("admin.jwt.public_key_files: must be a list of paths")
+    if (secret_path is None) == (not key_files):
+        raise ConfigError("admin.jwt: set exactly one of hs256_secret_file or public_key_files")
+    if secret_path is not None:
+        secret = secret_path.read_bytes().strip()
+        if len(secret) < 32:
+            raise ConfigError("admin.jwt.hs256_secret_file: the secret must be at least 32 bytes")
+        return AdminJwtConfig(audience=audience, issuer=issuer, hs256_secret=secret)
+    keys = []
+    for i, name in enumerate(key_files):
+        where = f"admin.jwt.public_key_files[{i}]"
+        path = _file(home, {"f": name}, where, "f", None)
+        assert path is not None
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except ValueError:
+            raise ConfigError(f"{where}: {path} is not a PEM public key") from None
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+            keys.append(key)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            keys.append(key)
+        else:
+            raise ConfigError(f"{where}: must be an RSA key of 2048 bits or more (RS256) or a P-256 key (ES256)")
+    return AdminJwtConfig(audience=audience, issuer=issuer, public_keys=tuple(keys))
 
 
 def _float_range(table: dict[str, Any], where: str, key: str, default: float, low: float, high: float) -> float:

@@ -10,7 +10,8 @@ build their own key manager after the fork (no SQLite connection or PKCS#11 sess
 fork), restarts a worker that dies (but stops when a worker cannot start at all, see
 EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
 reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
-process (sidecar.py) writes the one audit file and serves the metrics of all workers.
+process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
+admin listener (admin.py), if enabled, runs in one process only (worker 0): its port is single.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -50,6 +51,7 @@ class Shared:
 
     workers: int
     audit_socket: socket.socket | None
+    admin: bool = False  # this worker runs the admin listener
 
 
 @dataclass
@@ -98,11 +100,17 @@ async def start(
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
     audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
-    server = XksServer(config, create_key_manager(config), metrics, workers=shared.workers if shared else 1)
+    key_manager = create_key_manager(config)
+    server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
     reloader = Reloader(config, server.apply_config, tls, metrics, reload_interval)
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
+    app = server.app()
+    if config.admin.enabled and (shared is None or shared.admin):
+        from xks_proxy import admin as admin_api
+
+        admin_api.attach(app, config, key_manager)
     try:
-        runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=10)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
         await runner.setup()
         running._runners.append(runner)
         site = TlsSite(runner, tls, host, port, sock) if tls else (web.SockSite(runner, sock) if sock else web.TCPSite(runner, host, port))
@@ -216,7 +224,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
 
                 sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
             else:
-                asyncio.run(_serve_worker(config, sock, plain_http, shared))
+                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0)))
             code = 0
         except XksError as exc:
             log.error("worker cannot start: %s", exc.message)

@@ -8,7 +8,8 @@ the file is rewritten). A running server takes the change up within a second (re
 
 Secrets are sealed under the master key in the file, like key material. They are printed only
 by the command that creates one (`credentials add`, `stores add`) and by `stores export`,
-whose job that is. The newest credential of a store is the last one in its list.
+whose job that is. The newest credential of a store is the last one in its list. Every change
+is written to the audit log (who, what, which access key id; never a secret).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import getpass
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from xks_proxy import audit
 from xks_proxy import config as configmod
 from xks_proxy.config import ACCESS_KEY_RE, REGION_RE, SECRET_RE, Config, validate_prefix
 from xks_proxy.home import new_access_key_id, new_secret, sealed_credential, write_config
@@ -96,6 +100,16 @@ def _editing(args: argparse.Namespace) -> Iterator[tuple[Config, dict[str, Any]]
         write_config(home, raw)
 
 
+def _audit(config: Config, action: str, **fields: object) -> None:
+    """One audit record for a change this command made (after it is in config.toml)."""
+    try:
+        actor = f"cli:{getpass.getuser()}"
+    except Exception:  # no name for this uid
+        actor = f"cli:uid={os.getuid()}"
+    audit.append_only(config.audit)
+    audit.audit({"event": "access-admin", "action": action, "actor": actor, "via": "cli", "outcome": "OK", **fields})
+
+
 def _store_index(config: Config, raw: dict[str, Any], prefix: str | None) -> int:
     store = config.store(prefix)
     for i, table in enumerate(raw["stores"]):
@@ -127,6 +141,7 @@ def cmd_credentials_add(args: argparse.Namespace) -> int:
         i = _store_index(config, raw, args.store)
         raw["stores"][i]["credentials"].append(sealed_credential(config.master_key, akid, secret))
         uri_path = _uri_path(raw["stores"][i]["prefix"])
+    _audit(config, "credentials-add", store=uri_path, accessKeyId=akid, generated=not secret_given)
     print(f"Added credential {akid} to key store {uri_path}")
     print(f"  access key id:      {akid}")
     if not secret_given:
@@ -153,6 +168,8 @@ def cmd_credentials_remove(args: argparse.Namespace) -> int:
         if not kept:
             raise Refused(f"{args.access_key_id} is the last credential of this key store; add another first")
         raw["stores"][i]["credentials"] = kept
+        uri_path = _uri_path(raw["stores"][i]["prefix"])
+    _audit(config, "credentials-remove", store=uri_path, accessKeyId=args.access_key_id)
     print(f"Removed credential {args.access_key_id}")
     return 0
 
@@ -183,6 +200,7 @@ def cmd_stores_add(args: argparse.Namespace) -> int:
         elif config.backend == "pkcs11":
             print("xks-proxy: note: this store can use every key on the token; limit it with --key-ids", file=sys.stderr)
         raw["stores"].append(table)
+    _audit(config, "stores-add", store=_uri_path(prefix), regions=table["regions"], keyIds=table.get("key_ids"), accessKeyId=akid)
     print(f"Added key store {_uri_path(prefix)}")
     print(f"  access key id:      {akid}")
     print(f"  secret access key:  {secret}")
@@ -199,6 +217,7 @@ def cmd_stores_remove(args: argparse.Namespace) -> int:
         if len(raw["stores"]) == 1:
             raise Refused("this is the only key store; the proxy needs at least one")
         del raw["stores"][i]
+    _audit(config, "stores-remove", store=_uri_path(prefix))
     print(f"Removed key store {_uri_path(prefix)} (its keys remain in the key manager)")
     return 0
 
