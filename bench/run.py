@@ -84,9 +84,10 @@ class Target:
         self.backend = backend
         self.home = workdir / f"home-{backend}"
         self.env = env
-        cli("init", "--home", str(self.home), "--uri-prefix", PREFIX, "--region", REGION, env=env)
         if backend == "pkcs11":
-            raise SystemExit("pkcs11 backend: set it up with bench/softhsm.py (see README)")
+            self.env = env = softhsm_home(self.home, workdir)
+        else:
+            cli("init", "--home", str(self.home), "--uri-prefix", PREFIX, "--region", REGION, env=env)
         cli("keys", "create", KEY, "--home", str(self.home), env=env)
         cred = json.loads(cli("stores", "export", "--home", str(self.home), env=env))["XksProxyAuthenticationCredential"]
         self.access_key_id, self.secret = cred["AccessKeyId"], cred["RawSecretAccessKey"]
@@ -125,6 +126,38 @@ class Target:
                 body = {"requestMetadata": metadata("CreateKey")}
             out.append(self.raw_request(port, f"{base}/{op}", body))
         return out
+
+
+def softhsm_home(home: Path, workdir: Path) -> dict[str, str]:
+    """A fresh SoftHSMv2 token and a pkcs11 home over it, made the way a migrating operator would:
+    the AWS sample proxy's settings.toml, imported with `xks-proxy import-config`."""
+    module = next((m for m in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                               "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so") if Path(m).exists()), None)  # fmt: skip
+    if module is None or shutil.which("softhsm2-util") is None:
+        raise SystemExit("the pkcs11 benchmark needs SoftHSMv2: apt-get install softhsm2")
+    tokens = workdir / "tokens"
+    tokens.mkdir()
+    conf = workdir / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SOFTHSM2_CONF=str(conf))
+    pin = "bench-pin-1234"
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "xks-bench", "--so-pin", "bench-so-1234",
+                    "--pin", pin], check=True, capture_output=True, env=env)  # fmt: skip
+    from xks_proxy.home import new_access_key_id, new_secret
+
+    settings = workdir / "aws-settings.toml"
+    settings.write_text("\n".join([
+        "[server]", 'ip = "127.0.0.1"', "port = 8000", f'region = "{REGION}"', 'service = "kms-xks-proxy"',
+        "[security]", "is_sigv4_auth_enabled = true", "is_tls_enabled = false", "is_mtls_enabled = false",
+        "[pkcs11]", "session_pool_max_size = 16", "session_pool_timeout_milli = 5000", f'user_pin = "{pin}"',
+        f'PKCS11_HSM_MODULE = "{module}"', "context_read_timeout_milli = 1000",
+        "[limits]", "max_plaintext_in_base64 = 8192", "max_aad_in_base64 = 16384",
+        "[hsm_capabilities]", "can_generate_iv = false", "is_zero_iv_required = false",
+        "[[external_key_stores]]", f'uri_path_prefix = "/{PREFIX}"', f'sigv4_access_key_id = "{new_access_key_id()}"',
+        f'sigv4_secret_access_key = "{new_secret()}"', "",
+    ]))  # fmt: skip
+    cli("import-config", str(settings), "--home", str(home), env=env)
+    return env
 
 
 def fetch_ciphertexts(target: Target, port: int) -> list[dict[str, Any]]:
@@ -290,18 +323,17 @@ def main() -> None:
             "baseline": {},
             "runs": {},
         }
-        base_target = None
-        for backend in args.backends.split(","):
-            target = Target(backend, workdir, env)
-            base_target = base_target or target
+        targets = {backend: Target(backend, workdir, env) for backend in args.backends.split(",")}
+        for backend in targets:
             results["runs"][backend] = {}
-            for workers in workers_list:
-                print(f"measuring {backend} with {workers} worker(s)...", file=sys.stderr, flush=True)
-                results["runs"][backend][str(workers)] = measure(target, workers, False, args, workdir)
+        # Baseline and proxy back to back for each worker count, so both see the same machine.
         for workers in workers_list:
             print(f"measuring baseline with {workers} worker(s)...", file=sys.stderr, flush=True)
-            assert base_target is not None
-            results["baseline"][str(workers)] = measure(base_target, workers, True, args, workdir)
+            first = next(iter(targets.values()))
+            results["baseline"][str(workers)] = measure(first, workers, True, args, workdir)
+            for backend, target in targets.items():
+                print(f"measuring {backend} with {workers} worker(s)...", file=sys.stderr, flush=True)
+                results["runs"][backend][str(workers)] = measure(target, workers, False, args, workdir)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "result.json").write_text(json.dumps(results, indent=2))
     text = table(results)

@@ -99,6 +99,13 @@ class KeyManager(abc.ABC):
     ) -> bytes:
         """Reverse of encrypt. A failed authentication is InvalidCiphertextException."""
 
+    def key_version(self, metadata: bytes | None) -> int | None:
+        """The key version a ciphertextMetadata names, for the audit log; None when unknown.
+
+        Never raises: a malformed value is the decrypt call's business, not the log's.
+        """
+        return None
+
     @abc.abstractmethod
     async def health(self) -> list[EkmHealth]:
         """A deep check: a real encrypt+decrypt on an internal key no KMS key can address."""

@@ -30,6 +30,7 @@ import logging
 import secrets
 import sqlite3
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -714,6 +715,9 @@ class VaultKeyManager(KeyManager):
         self._block = count_block
         self._refill_at = count_block // 2  # reserve the next block in the background from here
         self._db: VaultDB | None = None
+        # Vault calls run in worker threads that cancelling a task does not stop; the connection
+        # is used and closed only under this lock, never closed under a query (that crashes).
+        self._db_lock = threading.Lock()
         self._keys: dict[tuple[str, str], LoadedKey] = {}
         self._counters: dict[tuple[str, str, int], UsageCounter] = {}
         #: In-flight reservation per key, and whether it may rotate (only when a request waits on it).
@@ -750,10 +754,11 @@ class VaultKeyManager(KeyManager):
             return loaded
 
     def _open_sync(self) -> tuple[int, dict[tuple[str, str], LoadedKey]]:
-        if self._db is None:
-            self._db = VaultDB.open(self._path, self._master, self._dsn)
-        self._db.sweep(actor="xks-proxy server")
-        return self._db.load()
+        with self._db_lock:
+            if self._db is None:
+                self._db = VaultDB.open(self._path, self._master, self._dsn)
+            self._db.sweep(actor="xks-proxy server")
+            return self._db.load()
 
     async def close(self) -> None:
         if self._task:
@@ -764,9 +769,14 @@ class VaultKeyManager(KeyManager):
                 pass
         if self._reserving:
             await asyncio.gather(*(task for task, _ in self._reserving.values()), return_exceptions=True)
-        if self._db:
-            await asyncio.to_thread(self._release_unused)
-            self._db.close()
+        await asyncio.to_thread(self._close_db)
+
+    def _close_db(self) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                self._release_unused()
+                self._db.close()
+                self._db = None
 
     def _release_unused(self) -> None:
         """Give back what this process reserved but did not use, so stored counts end exact."""
@@ -824,11 +834,13 @@ class VaultKeyManager(KeyManager):
             log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
 
     def _load_if_changed(self, force: bool) -> tuple[int, dict[tuple[str, str], LoadedKey]] | None:
-        assert self._db is not None
-        destroyed = self._db.sweep(actor="xks-proxy server")
-        if force or destroyed or self._db.generation() != self._generation:
-            return self._db.load()
-        return None
+        with self._db_lock:
+            if self._db is None:
+                return None  # closed meanwhile
+            destroyed = self._db.sweep(actor="xks-proxy server")
+            if force or destroyed or self._db.generation() != self._generation:
+                return self._db.load()
+            return None
 
     def _key(self, store: str, key_id: str) -> LoadedKey:
         key = self._keys.get((store, key_id))
@@ -889,12 +901,19 @@ class VaultKeyManager(KeyManager):
         if not task.cancelled():
             task.exception()  # logged in _do_reserve; waiters get it, a background refill just drops it
 
+    def _reserve_locked(self, store: str, key_id: str, block: int, limit: int, may_rotate: bool) -> Grant:
+        """The reservation transaction (in a worker thread), never on a closed connection."""
+        with self._db_lock:
+            if self._db is None:
+                raise InternalException("the vault is closed")
+            return self._db.reserve(store, key_id, block, limit, may_rotate)
+
     async def _do_reserve(self, store: str, key_id: str, may_rotate: bool) -> int:
         """One reservation transaction; installs the grant. Rotation only when a request is waiting."""
         assert self._db is not None
         block, limit = self._block, self._rotate_after
         try:
-            grant = await asyncio.to_thread(self._db.reserve, store, key_id, block, limit, may_rotate)
+            grant = await asyncio.to_thread(self._reserve_locked, store, key_id, block, limit, may_rotate)
         except StorageUnavailable as exc:
             log.error("could not reserve encryption counts for %s/%s: %s", store, key_id, exc)
             raise DependencyTimeoutException(
@@ -945,6 +964,12 @@ class VaultKeyManager(KeyManager):
     def usage_counts(self, store: str, key_id: str) -> dict[int, int]:
         """Exact encryptions this process did per version since it started (the admin API shows them)."""
         return {k[2]: c.used for k, c in self._counters.items() if k[0] == store and k[1] == key_id}
+
+    def key_version(self, metadata: bytes | None) -> int | None:
+        try:
+            return decode_metadata(metadata)
+        except InvalidCiphertextException:
+            return None
 
     async def health(self) -> list[EkmHealth]:
         """The in-memory vault (a real AES-GCM round trip on the health key), then its database if shared.

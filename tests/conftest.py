@@ -92,8 +92,8 @@ class SoftHsm:
     conf: Path
     tokens: Path
     label: str = "xks-test"
-    pin: str = "pin-4b1d-7319"  # distinctive, so tests can prove it never shows up in logs or output
-    so_pin: str = "so-pin-9876"
+    pin: str = field(default="pin-4b1d-7319", repr=False)  # distinctive, so tests can prove it never shows up
+    so_pin: str = field(default="so-pin-9876", repr=False)
 
     @contextmanager
     def session(self, module: str | None = None) -> Iterator[Any]:
@@ -206,10 +206,10 @@ class Home:
     path: Path
     prefix: str
     access_key_id: str
-    secret: str
+    secret: str = field(repr=False)  # a failing assertion prints the Home; never the secret
     backend: str = "vault"
     hsm: SoftHsm | None = None
-    materials: dict[str, bytes] = field(default_factory=dict)
+    materials: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def config(self) -> configmod.Config:
@@ -312,7 +312,7 @@ class Client:
     base_url: str
     uri_path: str
     access_key_id: str
-    secret: str
+    secret: str = field(repr=False)
     region: str = REGION
     service: str = "kms-xks-proxy"
     last_headers: dict[str, str] = field(default_factory=dict)

@@ -37,6 +37,7 @@ async def test_health_needs_request_metadata(client: Client, meta: object) -> No
     assert (status, err["errorName"]) == (400, "ValidationException")
 
 
+@pytest.mark.vault_only
 async def test_metadata(client: Client, home: Home) -> None:
     status, body = await client.call("metadata", "foo", requestMetadata=metadata("CreateKey"))
     assert status == 200
@@ -201,6 +202,7 @@ async def test_dropping_metadata_fails(client: Client) -> None:
     assert (status, err["errorName"]) == (400, "InvalidCiphertextException")
 
 
+@pytest.mark.vault_only
 async def test_rotation_keeps_old_ciphertexts(client: Client, home: Home) -> None:
     status, old = await client.encrypt("foo", b"old")
     db = home.vault()
@@ -220,6 +222,7 @@ async def test_rotation_keeps_old_ciphertexts(client: Client, home: Home) -> Non
     assert err["errorName"] == "InvalidCiphertextException"
 
 
+@pytest.mark.vault_only
 async def test_disabled_key_refuses_crypto(client: Client, home: Home) -> None:
     status, enc = await client.encrypt("foo", b"x")
     home.set_state("foo", "DISABLED")
@@ -406,6 +409,7 @@ async def test_liveness(client: Client) -> None:
         assert resp.status == 200
 
 
+@pytest.mark.vault_only
 async def test_same_key_id_in_another_store_is_another_key(client: Client, home: Home) -> None:
     home.create_key("bar", store="elsewhere")  # a key id in a store the prefix does not name
     home.create_key("sentinel")  # written after it: once this is visible, so is "bar"

@@ -231,14 +231,17 @@ def test_supervisor_replaces_a_dead_worker(cli_home: Path) -> None:
     )  # fmt: skip
     try:
         _wait_listening(port, proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_children(proc.pid)) < 3:
+            time.sleep(0.05)
         workers = _children(proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == 3  # two workers and the sidecar that writes the audit log
         os.kill(workers[0], 9)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (len(_children(proc.pid)) < 2 or workers[0] in _children(proc.pid)):
+        while time.monotonic() < deadline and (len(_children(proc.pid)) < 3 or workers[0] in _children(proc.pid)):
             time.sleep(0.05)
         replaced = _children(proc.pid)
-        assert len(replaced) == 2 and workers[0] not in replaced
+        assert len(replaced) == 3 and workers[0] not in replaced
         path = "/corp/keys/kms/xks/v1/keys/foo/metadata"
         for _ in range(10):
             status, body = _signed_post(f"http://127.0.0.1:{port}", path, {"requestMetadata": metadata("CreateKey")}, cred, "eu-west-1", None)

@@ -82,11 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     _serve_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
-    stores = sub.add_parser("stores", help="logical key stores").add_subparsers(metavar="ACTION")
-    export = stores.add_parser("export", parents=[common], help="print the KMS proxy configuration file")
-    export.add_argument("prefix", nargs="?", help="the store's URI prefix (default: the only store)")
-    export.set_defaults(func=cmd_stores_export)
-
     keys = sub.add_parser("keys", help="keys in the key manager").add_subparsers(metavar="ACTION")
     store_arg = argparse.ArgumentParser(add_help=False, parents=[common])
     store_arg.add_argument("--store", help="the key store's URI prefix (needed when there are several)")
@@ -229,28 +224,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-# --- stores ------------------------------------------------------------------------------------
-
-
-def cmd_stores_export(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = config.store(args.prefix)
-    credential = store.credentials[-1]  # the newest
-    print(
-        json.dumps(
-            {
-                "XksProxyUriPath": store.uri_path,
-                "XksProxyAuthenticationCredential": {
-                    "AccessKeyId": credential.access_key_id,
-                    "RawSecretAccessKey": credential.secret,
-                },
-            },
-            indent=2,
-        )
-    )
-    return 0
-
-
 # --- keys ----------------------------------------------------------------------------------------
 
 
@@ -309,6 +282,9 @@ def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
     key_id = getattr(args, "key_id", None)
     if key_id is not None and not store.allows(key_id):
         raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
+    from xks_proxy import audit
+
+    audit.append_only(config.audit)  # lifecycle actions are audited, from the CLI too
     if config.backend != "vault":
         from xks_proxy.lifecycle import KeyAdminLifecycle
 
@@ -397,6 +373,12 @@ def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.set_defaults(func=conformance.run)
 
 
+def _stores_and_credentials(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from xks_proxy import stores_cli
+
+    stores_cli.register(sub, common)
+
+
 def _import_config(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from xks_proxy import import_config
 
@@ -417,6 +399,7 @@ def _fleet(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> 
 
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
     _conformance,
+    _stores_and_credentials,
     _import_config,
     _vault_backup,
     _fleet,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from keymanager.crypto import MasterKey
+from xks_proxy.policy import EMPTY_POLICY, Policy, PolicyError, compile_policy
 
 DEFAULT_HOME = Path.home() / ".xks-proxy"
 CONFIG_FILE = "config.toml"
@@ -33,6 +34,7 @@ KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ACCESS_KEY_RE = re.compile(r"^[A-Z2-7]{20,30}$")
 SECRET_RE = re.compile(r"^[a-zA-Z0-9/+=]{43,64}$")
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+DNS_NAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$")
 
 
 class ConfigError(Exception):
@@ -54,8 +56,21 @@ class Credential:
 
 
 @dataclass(frozen=True, slots=True)
+class Quota:
+    """A token bucket: `rate` requests per second on average, bursts up to `burst`. rate 0 = no quota."""
+
+    rate: float = 0.0
+    burst: int = 0
+
+
+#: No per-store quota unless configured: a limit nobody set must not refuse legitimate traffic.
+#: (docs/access-control.md suggests KMS's own default quota, 1,800 requests per second.)
+DEFAULT_QUOTA = Quota(rate=0.0, burst=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
-    """A logical key store: one URI prefix, its regions and its SigV4 credentials.
+    """A logical key store: one URI prefix, its regions, SigV4 credentials, policy and quota.
 
     `key_ids`, when set, is the only key ids this store may address (any backend; the server
     answers KeyNotFoundException for the others). None means every key the backend gives it.
@@ -65,6 +80,8 @@ class Store:
     regions: frozenset[str]
     credentials: tuple[Credential, ...]
     key_ids: frozenset[str] | None = None
+    policy: Policy = EMPTY_POLICY
+    quota: Quota = Quota()
 
     def allows(self, key_id: str) -> bool:
         return self.key_ids is None or key_id in self.key_ids
@@ -193,6 +210,38 @@ class Pkcs11Config:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS. With no `client_ca`, clients are not asked for a certificate."""
+
+    client_ca: Path | None = None
+    #: Names a client certificate must carry (SAN DNS, or CN when it has none), lower case.
+    client_names: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """`max_in_flight` caps requests being worked on at once across all stores (0 = no cap)."""
+
+    max_in_flight: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit log file (None = off) and its size-based rotation."""
+
+    path: Path | None = None
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 10
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     home: Path
     server: ServerConfig
@@ -202,6 +251,10 @@ class Config:
     vault: VaultConfig
     master_key: MasterKey = field(repr=False)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    tls: TlsConfig = TlsConfig()
+    throttle: ThrottleConfig = ThrottleConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
     pkcs11: Pkcs11Config | None = None
     admin: AdminConfig = AdminConfig()
     fleet: FleetConfig = FleetConfig()
@@ -228,8 +281,22 @@ def load(home: Path, shared: bool = True) -> Config:
     return from_raw(home, read_raw(home), shared)
 
 
+def read_raw(home: Path) -> dict[str, Any]:
+    """The TOML document as parsed, unvalidated (the CLI edits this and writes it back)."""
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no configuration here; run `xks-proxy init --home {home}` first")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
-    """Validate a parsed config.toml into a Config (also used to check an edit before writing it)."""
+    """Validate a parsed document into a Config (also used to check an edit before writing it).
+
+    `shared`: as for `load`. A fleet's config.toml has no `[[stores]]`: they are in its database.
+    """
     master_key = _master_key(home, _table(raw, "master_key"))
     backend = _choice(_table(raw, "keymanager"), "keymanager.backend", "backend", ("vault", "pkcs11"), "vault")
     vault = _vault(home, _table(raw, "vault"))
@@ -240,15 +307,21 @@ def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
             "stores: with vault.dsn the key stores live in the vault database, shared by the fleet; "
             f"`xks-proxy fleet init --home {home}` moves them there"
         )
+    throttle_table = _table(raw, "throttle")
+    stores = () if vault.dsn is not None else _stores(raw.get("stores"), master_key, _default_quota(raw))
     config = Config(
         home=home,
         server=_server(home, _table(raw, "server")),
         limits=_limits(_table(raw, "limits")),
-        stores=() if vault.dsn is not None else _stores(raw.get("stores"), master_key),
+        stores=stores,
         backend=backend,
         vault=vault,
         master_key=master_key,
         raw=raw,
+        tls=_tls(home, _table(raw, "tls"), stores),
+        throttle=_throttle(throttle_table),
+        metrics=_metrics(_table(raw, "metrics")),
+        audit=_audit(home, raw.get("audit", {"path": "audit.log"})),
         pkcs11=_pkcs11(home, raw) if backend == "pkcs11" else None,
         admin=_admin(home, _table(raw, "admin"), backend),
         fleet=_fleet(_table(raw, "fleet"), vault),
@@ -260,24 +333,23 @@ def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
     return config
 
 
-def read_raw(home: Path) -> dict[str, Any]:
-    """config.toml as parsed, unvalidated."""
-    path = home / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: no configuration here; run `xks-proxy init --home {home}` first")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
 def with_stores(config: Config, stores_raw: Any, where: str = "stores") -> Config:
-    """`config` serving the `[[stores]]` tables `stores_raw`, validated as config.toml's are."""
+    """`config` serving the `[[stores]]` tables `stores_raw`, validated as config.toml's are.
+
+    (A fleet's stores come from its database; what derives from them, such as the default mTLS
+    client names, is derived again here.)
+    """
     try:
-        stores = _stores(stores_raw, config.master_key)
+        stores = _stores(stores_raw, config.master_key, _default_quota(config.raw))
+        tls = _tls(config.home, _table(config.raw, "tls"), stores)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}" if where != "stores" else str(exc)) from None
-    return replace(config, stores=stores)
+    return replace(config, stores=stores, tls=tls)
+
+
+def _default_quota(raw: dict[str, Any]) -> Quota:
+    """`[throttle]` rate and burst: the quota of every store that sets none of its own."""
+    return _quota(_table(raw, "throttle"), "throttle", DEFAULT_QUOTA)
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -322,6 +394,70 @@ def _int_range(table: dict[str, Any], where: str, key: str, default: int, low: i
     if not low <= value <= high:
         raise ConfigError(f"{where}: must be between {low} and {high}")
     return value
+
+
+def _only(table: dict[str, Any], where: str, names: tuple[str, ...]) -> None:
+    """A misspelt setting must not be silently ignored."""
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown setting (expected one of {', '.join(names)})")
+
+
+def _tls(home: Path, table: dict[str, Any], stores: tuple[Store, ...]) -> TlsConfig:
+    """Allowed client names default to `cks.kms.<region>.amazonaws.com` for every configured region."""
+    _only(table, "tls", ("client_ca", "client_names"))
+    names = table.get("client_names")
+    if names is None:
+        regions = sorted({region for store in stores for region in store.regions})
+        names = [f"cks.kms.{region}.amazonaws.com" for region in regions]
+    elif not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError("tls.client_names: must be a non-empty list of DNS names")
+    for name in names:
+        if not DNS_NAME_RE.match(name):
+            raise ConfigError(f"tls.client_names: {name!r} is not a DNS name")
+    return TlsConfig(
+        client_ca=_file(home, table, "tls.client_ca", "client_ca", None),
+        client_names=frozenset(n.lower() for n in names),
+    )
+
+
+def _quota(table: dict[str, Any], where: str, default: Quota) -> Quota:
+    """A token bucket; a rate given without a burst admits one second's worth at once."""
+    rate = _get(table, f"{where}.rate", "rate", float, default.rate)
+    if not 0 <= rate <= 1e6:
+        raise ConfigError(f"{where}.rate: must be between 0 (no quota) and 1000000 requests per second")
+    default_burst = max(1, int(rate)) if "rate" in table else default.burst
+    burst = _int_range(table, f"{where}.burst", "burst", default_burst, 0, 10_000_000)
+    if rate > 0 and burst < 1:
+        raise ConfigError(f"{where}.burst: must be at least 1 when a rate is set")
+    return Quota(rate=rate, burst=burst)
+
+
+def _throttle(table: dict[str, Any]) -> ThrottleConfig:
+    _only(table, "throttle", ("max_in_flight", "rate", "burst"))
+    return ThrottleConfig(max_in_flight=_int_range(table, "throttle.max_in_flight", "max_in_flight", 256, 0, 1_000_000))
+
+
+def _metrics(table: dict[str, Any]) -> MetricsConfig:
+    _only(table, "metrics", ("enabled", "host", "port"))
+    return MetricsConfig(
+        enabled=_get(table, "metrics.enabled", "enabled", bool, False),
+        host=_get(table, "metrics.host", "host", str, "127.0.0.1"),
+        port=_int_range(table, "metrics.port", "port", 9464, 0, 65535),
+    )
+
+
+def _audit(home: Path, table: Any) -> AuditConfig:
+    """Audit is on by default (`audit.log` in the home); `path = ""` turns it off."""
+    if not isinstance(table, dict):
+        raise ConfigError("audit: must be a table")
+    _only(table, "audit", ("path", "max_bytes", "backups"))
+    path = _get(table, "audit.path", "path", str, "audit.log")
+    return AuditConfig(
+        path=(home / path).resolve() if path else None,
+        max_bytes=_int_range(table, "audit.max_bytes", "max_bytes", 100 * 1024 * 1024, 4096, 1 << 40),
+        backups=_int_range(table, "audit.backups", "backups", 10, 1, 1000),
+    )
 
 
 def _server(home: Path, table: dict[str, Any]) -> ServerConfig:
@@ -576,7 +712,7 @@ def validate_prefix(prefix: str, where: str = "prefix") -> str:
     return prefix
 
 
-def _stores(raw: Any, master_key: MasterKey) -> tuple[Store, ...]:
+def _stores(raw: Any, master_key: MasterKey, default_quota: Quota) -> tuple[Store, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stores: at least one [[stores]] table is required")
     stores: list[Store] = []
@@ -598,9 +734,33 @@ def _stores(raw: Any, master_key: MasterKey) -> tuple[Store, ...]:
                 raise ConfigError(f"{where}.regions: {region!r} is not an AWS region name")
         creds = _credentials(table.get("credentials"), f"{where}.credentials", master_key, seen_keys)
         stores.append(
-            Store(prefix=prefix, regions=frozenset(regions), credentials=creds, key_ids=_key_ids(table, f"{where}.key_ids"))
+            Store(
+                prefix=prefix,
+                regions=frozenset(regions),
+                credentials=creds,
+                key_ids=_key_ids(table, f"{where}.key_ids"),
+                policy=_policy(table, where),
+                quota=_store_quota(table, where, default_quota),
+            )
         )
     return tuple(stores)
+
+
+def _policy(table: dict[str, Any], where: str) -> Policy:
+    """`[[stores.policy]]` rules, compiled (see policy.py and docs/access-control.md)."""
+    try:
+        return compile_policy(table.get("policy", []), f"{where}.policy")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _store_quota(table: dict[str, Any], where: str, default: Quota) -> Quota:
+    """`[stores.throttle]`: this store's rate and burst, else the `[throttle]` defaults."""
+    throttle = table.get("throttle", {})
+    if not isinstance(throttle, dict):
+        raise ConfigError(f"{where}.throttle: must be a table")
+    _only(throttle, f"{where}.throttle", ("rate", "burst"))
+    return _quota(throttle, f"{where}.throttle", default)
 
 
 def _key_ids(table: dict[str, Any], where: str) -> frozenset[str] | None:

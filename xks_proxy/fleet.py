@@ -37,12 +37,18 @@ def live_proxy_ids(rows: list, heartbeat_seconds: float) -> set[str]:
 
 
 class FleetMember:
-    """Heartbeats for this process and applies the fleet's shared stores through `apply(config)`."""
+    """Heartbeats for this process and applies the fleet's shared stores through `apply(config)`.
 
-    def __init__(self, config: Config, apply: Callable[[Config], None]) -> None:
+    `current()` is the configuration serving now (config.toml may have been reloaded since):
+    a changed store set is applied on top of it.
+    """
+
+    def __init__(self, config: Config, current: Callable[[], Config], apply: Callable[[Config], None]) -> None:
         assert config.vault.dsn is not None
         self._config = config
-        self._apply = apply
+        self._current = current
+        #: Where a changed, valid configuration goes (the runner points it at its Reloader).
+        self.apply = apply
         self.proxy_id = config.fleet.name(config.server.port)
         self._host = socket.gethostname()
         self._pid = os.getpid()
@@ -101,8 +107,7 @@ class FleetMember:
             log.warning("fleet: vault database reachable again")
             self._ok = True
         if changed is not None:
-            self._config = changed
-            self._apply(changed)
+            self.apply(changed)
             log.info("fleet: shared stores now %s", ", ".join(s.uri_path for s in changed.stores))
 
     def _poll(self) -> Config | None:
@@ -122,12 +127,13 @@ class FleetMember:
         found = shared_settings.read(storage)
         if found is None:
             return None
+        current = self._current()
         try:
-            new = shared_settings.apply(self._config, found[0])
+            new = shared_settings.apply(current, found[0])
         except ConfigError as exc:
             log.error("fleet: shared stores revision %d refused, still serving the previous stores: %s", revision, exc)
             return None
-        return new if new.stores != self._config.stores else None
+        return new if new.stores != current.stores else None
 
 
 def wait_for_stores(config: Config, retry_seconds: float = 2.0) -> Config:

@@ -1,9 +1,17 @@
 """Running the server: one process, or a supervisor with N pre-forked workers on one socket.
 
+`start()` brings one worker up on the running event loop (key manager, app, HTTPS listener
+with mutual TLS, config and TLS reload, audit, metrics) and returns a handle; tests call it
+directly, so they exercise the same code as production. `serve()` binds the socket and runs
+one worker in-process, or supervises several.
+
 With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
 build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
-fork), restarts a worker that dies, and passes SIGTERM/SIGINT on for a graceful stop. Every
-worker watches the vault itself, so CLI changes reach all of them within the refresh interval.
+fork), restarts a worker that dies (but stops when a worker cannot start at all, see
+EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
+reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
+process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
+admin listener (admin.py), if enabled, runs in one process only (worker 0): its port is single.
 """
 
 from __future__ import annotations
@@ -11,18 +19,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
+import shutil
 import signal
 import socket
-import ssl
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
 from keymanager import create_key_manager
-from xks_proxy.config import Config
+from xks_proxy import audit
+from xks_proxy.audit import AuditLog
+from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
-from xks_proxy.server import XksServer, tls_context
+from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
+from xks_proxy.mtls import TlsError, TlsManager, TlsSite
+from xks_proxy.reload import Reloader
+from xks_proxy.server import XksServer
 
 log = logging.getLogger("xks_proxy")
 #: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
@@ -30,22 +45,128 @@ log = logging.getLogger("xks_proxy")
 EXIT_CANNOT_START = 3
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What a worker gets from its supervisor: its share of the limits, where audit records go."""
+
+    workers: int
+    audit_socket: socket.socket | None
+    admin: bool = False  # this worker runs the admin listener
+
+
+@dataclass
+class Running:
+    """A started worker: its ports and what `close()` must stop."""
+
+    server: XksServer
+    port: int
+    tls: TlsManager | None
+    reloader: Reloader
+    metrics_port: int | None = None
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _audit: AuditLog | None = None
+
+    async def close(self) -> None:
+        await self.reloader.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self._audit is not None:
+            self._audit.close()
+
+
+async def start(
+    config: Config,
+    host: str | None = None,
+    port: int | None = None,
+    plain_http: bool = False,
+    reload_interval: float = 0.5,
+    sock: socket.socket | None = None,
+    shared: Shared | None = None,
+) -> Running:
+    """Serve in the background on `sock` (or bind host:port). Raises ConfigError for a certificate that cannot serve."""
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    if sock is not None:  # a fleet names this proxy by the port it really serves on
+        config = replace(config, server=replace(config.server, port=sock.getsockname()[1]))
+    metrics = Metrics() if config.metrics.enabled else NoMetrics()
+    tls: TlsManager | None = None
+    if plain_http and config.tls.client_ca is not None:
+        log.warning("tls.client_ca is set but serving plain HTTP: client certificates are the balancer's job now")
+    if not plain_http:
+        try:
+            tls = TlsManager(config, metrics)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+    audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
+    key_manager = create_key_manager(config)
+    server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
+    reloader = Reloader(config, server.apply_config, tls, metrics, reload_interval)
+    if server.fleet is not None:
+        server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
+    running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
+    app = server.app()
+    if config.admin.enabled and (shared is None or shared.admin):
+        from xks_proxy import admin as admin_api
+
+        admin_api.attach(app, config, key_manager)
+    try:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+        await runner.setup()
+        running._runners.append(runner)
+        site = TlsSite(runner, tls, host, port, sock) if tls else (web.SockSite(runner, sock) if sock else web.TCPSite(runner, host, port))
+        await site.start()
+        running.port = sock.getsockname()[1] if sock else (site.port if isinstance(site, TlsSite) else runner.addresses[0][1])
+        if isinstance(metrics, Metrics):
+            running._tasks.append(asyncio.create_task(metrics.watch_health(server.key_manager)))
+            if shared is None:  # one process serves its own metrics; workers' are served by the sidecar
+                running.metrics_port = await _serve_metrics(running, metrics, config)
+        reloader.start()
+    except BaseException:
+        await running.close()
+        raise
+    return running
+
+
+async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> int:
+    registry = with_cert_expiry(metrics.registry, lambda: running.tls.expiry() if running.tls else {})
+    runner = web.AppRunner(exposition_app(registry), access_log=None)
+    await runner.setup()
+    running._runners.append(runner)
+    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
+    port = int(runner.addresses[0][1])
+    log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
+    return port
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
 def serve(
     config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1
 ) -> int:
-    """Serve until SIGINT/SIGTERM. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
-    ssl_context: ssl.SSLContext | None = None if plain_http else tls_context(config)
+    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
     host = host or config.server.host
     port = config.server.port if port is None else port
+    if not plain_http:
+        try:
+            TlsManager(config, NoMetrics())  # refuse to start on a certificate that cannot serve
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+    if config.audit.path is not None:
+        audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
     sock = _listen(host, port)
-    config = replace(config, server=replace(config.server, port=sock.getsockname()[1]))  # the fleet names us by it
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
     log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a handler is in place, a reload signal must not kill
     if workers <= 1:
-        _serve_worker(config, sock, ssl_context)
+        asyncio.run(_serve_worker(config, sock, plain_http, None))
         return 0
-    return _supervise(config, sock, ssl_context, workers)
+    return _supervise(config, sock, plain_http, workers)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -58,86 +179,130 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_worker(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, admin: bool = True) -> None:
-    """One serving process. `admin`: also run the admin listener (one worker has it: its port is single)."""
-    key_manager = create_key_manager(config)
-    app = XksServer(config, key_manager).app()
-    if admin and config.admin.enabled:
-        from xks_proxy import admin as admin_api
-
-        admin_api.attach(app, config, key_manager)
-    app.on_startup.append(_stop_on_first_signal)
-    web.run_app(app, sock=sock, ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10)
-
-
-async def _stop_on_first_signal(app: web.Application) -> None:
-    """Stop gracefully on the first SIGTERM/SIGINT and ignore the next ones.
-
-    A worker usually gets two (from the supervisor, and from whoever signalled the process
-    group: systemd, `kill -- -PGID`); aiohttp's own handler would abort the graceful cleanup on
-    the second, and the key manager would not give back its unused encryption counts.
-    """
+async def _serve_worker(config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None) -> None:
+    running = await start(config, plain_http=plain_http, sock=sock, shared=shared)
     loop = asyncio.get_running_loop()
-    stopping = False
-
-    def stop() -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise web.GracefulExit()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.reloader.trigger)
+    try:
+        await stop.wait()
+    finally:
+        await running.close()
 
 
-def _supervise(config: Config, sock: socket.socket, ssl_context: ssl.SSLContext | None, workers: int) -> int:
-    children: dict[int, int] = {}  # pid -> slot
+def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int) -> int:
+    audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
+    metrics_sock = _listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
+    metrics_dir = None
+    if metrics_sock is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the children
+        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
+    shared = Shared(workers=workers, audit_socket=audit_tx)
+    children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
     stopping = failed = False
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
+    def spawn(slot: int, ready: int | None = None) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
+        try:
+            pid = os.fork()
+            if pid == 0:
+                child(slot, ready)
+            children[pid] = slot
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+    def child(slot: int, ready: int | None) -> None:
+        """Never returns."""
+        code = 1
+        try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
-            try:
-                _serve_worker(config, sock, ssl_context, admin=slot == 0)
-                code = 0
-            except XksError as exc:
-                log.error("worker cannot start: %s", exc.message)
-                code = EXIT_CANNOT_START
-            except BaseException:
-                log.exception("worker failed")
-            finally:
-                os._exit(code)
-        children[pid] = slot
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+            if slot < 0:
+                from xks_proxy import sidecar
+
+                sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
+            else:
+                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0)))
+            code = 0
+        except XksError as exc:
+            log.error("worker cannot start: %s", exc.message)
+            code = EXIT_CANNOT_START
+        except ConfigError as exc:
+            log.error("worker cannot start: configuration error: %s", exc)
+            code = EXIT_CANNOT_START
+        except BaseException:
+            log.exception("%s failed", "sidecar" if slot < 0 else "worker")
+        finally:
+            os._exit(code)
+
+    def signal_workers(signum: int) -> None:
+        for pid, slot in list(children.items()):
+            if slot >= 0:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_workers(signal.SIGTERM)
+        if not any(slot >= 0 for slot in children.values()):
+            stop_sidecar()
+
+    def stop_sidecar() -> None:
+        """Once the workers are gone, the sidecar writes what is left of the audit records and stops."""
+        for pid, slot in list(children.items()):
+            if slot < 0:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
+    if audit_rx is not None or metrics_sock is not None:
+        # The sidecar is up before the workers start: their start (HSM logins above all) then
+        # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
+        ready_r, ready_w = os.pipe()
+        spawn(-1, ready_w)
+        os.close(ready_w)
+        select.select([ready_r], [], [], 5.0)
+        os.close(ready_r)
     for slot in range(workers):
-        spawn(slot)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        slot = children.pop(pid, None)
-        if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
-            log.error("a worker cannot start; stopping (not retrying)")
-            stop(signal.SIGTERM, None)
-            failed = True
-            continue
-        if slot is not None and not stopping:
-            log.error("worker %d exited (status %d); starting a new one", pid, status)
-            time.sleep(0.5)  # no hot crash loop
+        if not stopping:
             spawn(slot)
+    try:
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            slot = children.pop(pid, None)
+            if metrics_dir is not None:
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(pid, metrics_dir)
+            if slot is None:
+                continue
+            if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
+                log.error("a worker cannot start; stopping (not retrying)")
+                stop(signal.SIGTERM, None)
+                failed = True
+            if stopping and not any(s >= 0 for s in children.values()):
+                stop_sidecar()
+            elif not stopping:
+                log.error("%s %d exited (status %d); starting a new one", "sidecar" if slot < 0 else "worker", pid, status)
+                time.sleep(0.5)  # no hot crash loop
+                spawn(slot)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return EXIT_CANNOT_START if failed else 0

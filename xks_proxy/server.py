@@ -4,14 +4,16 @@ It knows key managers only through `keymanager.base.KeyManager`, and errors only
 `xks_proxy.errors`: every failure becomes one single-line JSON body here, in `_respond_error`.
 Order of work per request: route (an unknown prefix or path is answered before any signature
 check), read the body under a cap, verify SigV4 against the store's credentials, check the
-content type, parse and validate, call the key manager, answer, log one line.
+content type, parse and validate, charge the store's rate quota, apply the store's policy,
+call the key manager, answer, then one record to the access log, the audit log and the
+metrics. Admission control (throttle.py), policy (policy.py), audit (audit.py) and metrics
+(metrics.py) live in their own modules; this file only calls them.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import ssl
 import time
 from base64 import b64encode
 from dataclasses import dataclass
@@ -22,17 +24,21 @@ from aiohttp import web
 
 from keymanager.base import KeyManager
 from keymanager.crypto import cdiv
-from xks_proxy import protocol, sigv4
+from xks_proxy import audit, protocol, sigv4
 from xks_proxy.config import KEY_ID_RE, Config, Store
 from xks_proxy.errors import (
+    AccessDeniedException,
     InternalException,
     InvalidUriPathException,
     KeyNotFoundException,
     MethodNotAllowed,
+    ThrottlingException,
     UnsupportedOperationException,
     ValidationException,
     XksError,
 )
+from xks_proxy.metrics import NoMetrics
+from xks_proxy.throttle import Throttle
 
 if TYPE_CHECKING:
     from xks_proxy.fleet import FleetMember
@@ -55,6 +61,7 @@ class Outcome:
     meta: protocol.RequestMetadata | None = None
     key_version: int | None = None
     error: str | None = None
+    denied_by: str | None = None
 
 
 class StoreTable:
@@ -65,16 +72,18 @@ class StoreTable:
 
 
 class XksServer:
-    def __init__(self, config: Config, key_manager: KeyManager) -> None:
+    def __init__(self, config: Config, key_manager: KeyManager, metrics: NoMetrics | None = None, workers: int = 1) -> None:
         self.config = config
         self.key_manager = key_manager
         self.stores = StoreTable(config.stores)
+        self.metrics = metrics or NoMetrics()
+        self.throttle = Throttle(config, workers)
         #: With a shared vault: heartbeats, the fleet size, and the stores every proxy shares.
         self.fleet: FleetMember | None = None
         if config.vault.dsn is not None:
             from xks_proxy import fleet
 
-            self.fleet = fleet.FleetMember(config, self.apply_config)
+            self.fleet = fleet.FleetMember(config, lambda: self.config, self.apply_config)
         self._handlers: dict[str, Callable[[Store, str | None, dict[str, Any], Outcome], Awaitable[dict[str, Any]]]] = {
             "health": self._health,
             "metadata": self._metadata,
@@ -90,6 +99,12 @@ class XksServer:
         app.on_cleanup.append(self._on_cleanup)
         return app
 
+    def apply_config(self, config: Config) -> None:
+        """A reloaded configuration: stores, credentials, policies, quotas and limits, in one step."""
+        self.throttle.configure(config)
+        self.stores = StoreTable(config.stores)
+        self.config = config
+
     async def _on_startup(self, app: web.Application) -> None:
         await self.key_manager.start()
         if self.fleet is not None:
@@ -99,11 +114,6 @@ class XksServer:
         if self.fleet is not None:
             await self.fleet.close()
         await self.key_manager.close()
-
-    def apply_config(self, config: Config) -> None:
-        """Serve a new configuration's stores and credentials (one assignment: no request sees a mix)."""
-        self.config = config
-        self.stores = StoreTable(config.stores)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -123,7 +133,7 @@ class XksServer:
         self._log(outcome, response.status, started, request)
         return response
 
-    async def _dispatch(self, request: web.Request, path: str, outcome: Outcome) -> dict[str, Any]:
+    def _route(self, request: web.Request, path: str, outcome: Outcome) -> tuple[Store, str | None]:
         match = _API_PATH.match(path)
         store = self.stores.by_prefix.get(match["prefix"] or "") if match else None
         if match is None or store is None:
@@ -137,6 +147,21 @@ class XksServer:
             outcome.key_id = key_id
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.method} is not supported here; XKS API calls use POST")
+        return store, key_id
+
+    async def _dispatch(self, request: web.Request, path: str, outcome: Outcome) -> dict[str, Any]:
+        store, key_id = self._route(request, path, outcome)
+        if not self.throttle.enter():
+            self.metrics.throttled(store.prefix, "in_flight")
+            raise ThrottlingException("the proxy is at its limit of requests in flight; retry")
+        try:
+            return await self._admitted(request, path, store, key_id, outcome)
+        finally:
+            self.throttle.leave()
+
+    async def _admitted(
+        self, request: web.Request, path: str, store: Store, key_id: str | None, outcome: Outcome
+    ) -> dict[str, Any]:
         body = await self._read_body(request)
         headers = {name.lower(): request.headers.getall(name) for name in request.headers.keys()}
         sigv4.verify(
@@ -152,7 +177,29 @@ class XksServer:
             raise ValidationException("Content-Type must be application/json")
         doc = protocol.parse_body(body)
         outcome.meta = protocol.request_metadata(doc, outcome.operation)
+        if key_id is not None:  # health is exempt from the rate quota and from policy
+            self._authorize(store, key_id, outcome.meta, outcome)
         return await self._handlers[outcome.operation](store, key_id, doc, outcome)
+
+    def _authorize(self, store: Store, key_id: str, meta: protocol.RequestMetadata, outcome: Outcome) -> None:
+        """Charge the store's rate quota, then apply its policy (after SigV4: only the store's callers count)."""
+        if not self.throttle.take(store.prefix):
+            self.metrics.throttled(store.prefix, "rate")
+            raise ThrottlingException("this key store is over its request rate quota; retry")
+        denied_by = store.policy.denial(key_id, meta)
+        if denied_by is not None:
+            outcome.denied_by = denied_by
+            self.metrics.denied(store.prefix, denied_by)
+            log.warning("request %r denied by policy rule %s of store %r", meta.kms_request_id, denied_by, store.prefix)
+            raise AccessDeniedException(f"denied by policy rule {denied_by}")
+
+    async def _timed(self, operation: str, call: Awaitable[Any]) -> Any:
+        """Await a key manager call, recording its latency."""
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.metrics.keymanager(operation, time.perf_counter() - started)
 
     async def _read_body(self, request: web.Request) -> bytes:
         cap = self.config.limits.max_body_bytes
@@ -164,7 +211,8 @@ class XksServer:
             raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit") from None
 
     async def _health(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
-        details = await self.key_manager.health()
+        details = await self._timed("health", self.key_manager.health())
+        self.metrics.health(details)
         server = self.config.server
         return {
             "xksProxyFleetSize": self.fleet.size() if self.fleet is not None else server.fleet_size,
@@ -184,7 +232,7 @@ class XksServer:
 
     async def _metadata(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
         key_id = self._allowed(store, key_id)
-        meta = await self.key_manager.get_metadata(store.prefix, key_id)
+        meta = await self._timed("metadata", self.key_manager.get_metadata(store.prefix, key_id))
         return {
             "keySpec": meta.key_spec,
             "keyUsage": [u.value for u in meta.usage],
@@ -194,14 +242,15 @@ class XksServer:
     async def _encrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
         req = protocol.encrypt_request(doc, self.config.limits)
         key_id = self._allowed(store, key_id)
-        result = await self.key_manager.encrypt(store.prefix, key_id, req.plaintext, req.aad)
+        result = await self._timed("encrypt", self.key_manager.encrypt(store.prefix, key_id, req.plaintext, req.aad))
         outcome.key_version = result.key_version
         integrity = None
         if req.want_cdiv:
             integrity = cdiv(req.aad, result.metadata, result.iv, result.ciphertext, result.tag)
             # The spec's order: compute the CDIV, then prove the ciphertext decrypts before answering.
-            await self.key_manager.decrypt(
-                store.prefix, key_id, result.ciphertext, result.iv, result.tag, req.aad, result.metadata
+            await self._timed(
+                "decrypt",
+                self.key_manager.decrypt(store.prefix, key_id, result.ciphertext, result.iv, result.tag, req.aad, result.metadata),
             )
         return {
             "ciphertext": b64encode(result.ciphertext).decode(),
@@ -214,8 +263,9 @@ class XksServer:
     async def _decrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
         req = protocol.decrypt_request(doc, self.config.limits)
         key_id = self._allowed(store, key_id)
-        plaintext = await self.key_manager.decrypt(
-            store.prefix, key_id, req.ciphertext, req.iv, req.tag, req.aad, req.metadata
+        outcome.key_version = self.key_manager.key_version(req.metadata)
+        plaintext = await self._timed(
+            "decrypt", self.key_manager.decrypt(store.prefix, key_id, req.ciphertext, req.iv, req.tag, req.aad, req.metadata)
         )
         return {"plaintext": b64encode(plaintext).decode()}
 
@@ -224,39 +274,36 @@ class XksServer:
         headers = {"Allow": "POST"} if isinstance(exc, MethodNotAllowed) else None
         return web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
 
-    @staticmethod
-    def _log(outcome: Outcome, status: int, started: float, request: web.Request) -> None:
-        """One JSON line per request. requestMetadata identifies; no data, no secrets."""
-        if not access_log.isEnabledFor(logging.INFO):
+    def _log(self, outcome: Outcome, status: int, started: float, request: web.Request) -> None:
+        """One JSON record per request to the access log and the audit log; never data or secrets."""
+        seconds = time.perf_counter() - started
+        result = outcome.error or "OK"
+        self.metrics.request(outcome.store, outcome.operation, result, seconds)
+        if not (audit.enabled() or access_log.isEnabledFor(logging.INFO)):
             return
         meta = outcome.meta
-        access_log.info(
-            "%s",
-            orjson.dumps(
-                {
-                    "kmsRequestId": meta.kms_request_id if meta else None,
-                    "kmsOperation": meta.kms_operation if meta else None,
-                    "principal": meta.aws_principal_arn if meta else None,
-                    "operation": outcome.operation,
-                    "store": outcome.store,
-                    "keyId": outcome.key_id,
-                    "keyVersion": outcome.key_version,
-                    "outcome": outcome.error or "OK",
-                    "status": status,
-                    "latencyMs": round((time.perf_counter() - started) * 1000, 3),
-                    "remote": request.remote,
-                }
-            ).decode(),
-        )
-
-
-def tls_context(config: Config) -> ssl.SSLContext:
-    """HTTPS as KMS accepts it: TLS 1.2+ and the spec's AEAD suites (TLS 1.3 suites are all acceptable)."""
-    server = config.server
-    if server.tls_cert is None or server.tls_key is None:
-        raise ValueError("server.tls_cert and server.tls_key are needed for HTTPS (or serve with --http)")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
-    ctx.load_cert_chain(server.tls_cert, server.tls_key)
-    return ctx
+        clip = audit.clip
+        line = orjson.dumps(
+            {
+                "time": audit.now_iso(),
+                "event": "xks.request",
+                "kmsRequestId": clip(meta.kms_request_id) if meta else None,
+                "kmsOperation": clip(meta.kms_operation) if meta else None,
+                "awsPrincipalArn": meta.aws_principal_arn if meta else None,
+                "kmsKeyArn": clip(meta.kms_key_arn) if meta else None,
+                "kmsViaService": clip(meta.kms_via_service) if meta else None,
+                "awsSourceVpc": clip(meta.aws_source_vpc) if meta else None,
+                "awsSourceVpce": clip(meta.aws_source_vpce) if meta else None,
+                "operation": outcome.operation,
+                "store": outcome.store,
+                "keyId": outcome.key_id,
+                "keyVersion": outcome.key_version,
+                "outcome": result,
+                "status": status,
+                "deniedBy": outcome.denied_by,
+                "latencyMs": round(seconds * 1000, 3),
+                "remote": request.remote,
+            }
+        ).decode()
+        audit.write_line(line)
+        access_log.info("%s", line)

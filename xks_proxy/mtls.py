@@ -1,0 +1,321 @@
+"""HTTPS for the XKS listener: TLS contexts, mutual TLS with a client name check, reload.
+
+Why the listener accepts plain TCP and starts TLS itself (`TlsSite`): asyncio fixes one
+SSLContext per listening socket, and a context can never forget a CA it has loaded. Starting
+TLS per connection with whichever context is current lets a new server certificate, key or
+client CA bundle take effect for new connections at once, while connections in flight keep the
+context they were accepted with. The same place checks the client certificate's names after
+the handshake and before a single byte of HTTP reaches aiohttp, so a certificate that chains
+to the trusted CA but names someone else never gets a request read.
+
+Refusals are logged with the peer address and the reason (for a name mismatch, the names
+presented), and counted in metrics. A broken or expired new certificate is refused at reload;
+the old context keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+from cryptography import x509
+
+from xks_proxy.config import Config
+from xks_proxy.metrics import NoMetrics
+
+log = logging.getLogger("xks_proxy.tls")
+
+HANDSHAKE_TIMEOUT = 10.0
+_TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+
+
+class TlsError(Exception):
+    """A certificate, key or CA bundle that cannot be served, as one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+    @classmethod
+    def of(cls, config: Config) -> "TlsFiles":
+        server = config.server
+        if server.tls_cert is None or server.tls_key is None:
+            raise TlsError("server.tls_cert and server.tls_key are needed for HTTPS (or serve with --http)")
+        return cls(server.tls_cert, server.tls_key, config.tls.client_ca)
+
+    def signature(self) -> tuple[object, ...]:
+        """Changes whenever a file is replaced or rewritten (inode, mtime, size), or a path changes."""
+        out: list[object] = [self]
+        for path in (self.cert, self.key, self.client_ca):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTls:
+    context: ssl.SSLContext
+    mutual: bool
+    #: certificate label -> notAfter as a POSIX timestamp (for the expiry metric).
+    expiry: dict[str, float]
+
+
+def load_tls(files: TlsFiles) -> LoadedTls:
+    """A server context as KMS accepts it: TLS 1.2+, the spec's AEAD suites, client cert if configured."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    leaf = _first_cert(files.cert, "server.tls_cert")
+    try:
+        ctx.load_cert_chain(files.cert, files.key, password=_no_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"server certificate {files.cert} / key {files.key}: {_reason(exc)}") from None
+    _check_valid(leaf, f"server certificate {files.cert}")
+    expiry = {"server": leaf.not_valid_after_utc.timestamp()}
+    if files.client_ca is not None:
+        cas = _certs(files.client_ca, "tls.client_ca")
+        try:
+            ctx.load_verify_locations(cafile=str(files.client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsError(f"client CA bundle {files.client_ca}: {_reason(exc)}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        expiry.update(_ca_expiry(cas))
+    return LoadedTls(context=ctx, mutual=files.client_ca is not None, expiry=expiry)
+
+
+def _no_password() -> str:
+    """Without this, OpenSSL would ask for a passphrase on the terminal and block the server."""
+    raise TlsError("the private key is encrypted; give the proxy an unencrypted key file only it can read")
+
+
+def _ca_expiry(cas: list[x509.Certificate]) -> dict[str, float]:
+    expiry: dict[str, float] = {}
+    for ca in cas:
+        label = "client_ca:" + _common_name(ca)
+        expiry[label] = min(expiry.get(label, float("inf")), ca.not_valid_after_utc.timestamp())
+    return expiry
+
+
+def expiry_of_files(files: TlsFiles) -> dict[str, float]:
+    """Certificate expiry read from the files (the sidecar's view; workers serve what they loaded)."""
+    try:
+        expiry = {"server": _first_cert(files.cert, "server.tls_cert").not_valid_after_utc.timestamp()}
+        if files.client_ca:
+            expiry.update(_ca_expiry(_certs(files.client_ca, "tls.client_ca")))
+        return expiry
+    except TlsError:
+        return {}
+
+
+def _certs(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TlsError(f"{what} {path}: not a PEM certificate file ({exc})") from None
+    if not certs:
+        raise TlsError(f"{what} {path}: holds no certificate")
+    return certs
+
+
+def _first_cert(path: Path, what: str) -> x509.Certificate:
+    return _certs(path, what)[0]
+
+
+def _check_valid(cert: x509.Certificate, what: str) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        raise TlsError(f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if cert.not_valid_before_utc > now:
+        raise TlsError(f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else cert.subject.rfc4514_string()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, (TimeoutError, ConnectionAbortedError)):
+        return "handshake did not complete in time" if "timeout" in str(exc).lower() else str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def presented_names(peercert: dict[str, Any] | None) -> tuple[str, ...]:
+    """SAN DNS names; the subject CN only when the certificate has no DNS name (RFC 6125)."""
+    if not peercert:
+        return ()
+    dns = tuple(value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS")
+    if dns:
+        return dns
+    return tuple(value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName")
+
+
+class TlsManager:
+    """The current TLS context and allowed client names, swapped whole on reload."""
+
+    def __init__(self, config: Config, metrics: NoMetrics) -> None:
+        self._metrics = metrics
+        self._files = TlsFiles.of(config)
+        self._signature = self._files.signature()
+        self.current = load_tls(self._files)
+        self.allowed_names = config.tls.client_names
+
+    def configure(self, config: Config) -> None:
+        """A new configuration: new allowed names now; new file paths at the next `poll`."""
+        self.allowed_names = config.tls.client_names
+        try:
+            self._files = TlsFiles.of(config)
+        except TlsError as exc:
+            log.error("TLS settings not applied, still serving the previous certificate: %s", exc)
+
+    def poll(self, force: bool = False) -> LoadedTls | None:
+        """Load the files again if they changed (or `force`). Blocking: run it in a thread.
+
+        Returns the new context, None when nothing changed, or raises TlsError when the new
+        files cannot be served (then they are not retried until they change again).
+        """
+        signature = self._files.signature()
+        if signature == self._signature and not force:
+            return None
+        self._signature = signature
+        return load_tls(self._files)
+
+    def install(self, loaded: LoadedTls) -> None:
+        self.current = loaded
+
+    def expiry(self) -> dict[str, float]:
+        return self.current.expiry
+
+    def handshake_refused(self, peer: str, exc: BaseException) -> None:
+        level = logging.WARNING if isinstance(exc, ssl.SSLCertVerificationError) else logging.INFO
+        log.log(level, "TLS handshake from %s refused: %s", peer, _reason(exc))
+        self._metrics.tls_refused("handshake")
+
+    def name_allowed(self, peercert: dict[str, Any] | None, peer: str) -> bool:
+        names = presented_names(peercert)
+        if any(name.lower() in self.allowed_names for name in names):
+            return True
+        log.warning(
+            "TLS connection from %s closed before any request: client certificate names %s; allowed: %s",
+            peer,
+            ", ".join(repr(n) for n in names) or "(none)",
+            ", ".join(sorted(self.allowed_names)),
+        )
+        self._metrics.tls_refused("client_name")
+        return False
+
+
+class _TlsConnection(asyncio.Protocol):
+    """One accepted TCP connection: TLS with the context current now, the name check, then HTTP."""
+
+    def __init__(self, tls: TlsManager, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
+        self._tls = tls
+        self._http = http
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello waits in the kernel until start_tls takes over
+        self._task = self._loop.create_task(self._start(transport))
+
+    async def _start(self, raw: asyncio.Transport) -> None:
+        peer = _peer(raw)
+        loaded = self._tls.current
+        try:
+            tls = await self._loop.start_tls(
+                raw, self, loaded.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except asyncio.CancelledError:
+            raw.abort()
+            raise
+        except Exception as exc:  # start_tls has closed the connection
+            self._tls.handshake_refused(peer, exc)
+            return
+        if self._closed or tls is None or tls.is_closing():
+            return
+        if loaded.mutual and not self._tls.name_allowed(tls.get_extra_info("peercert"), peer):
+            self._pending.clear()
+            tls.abort()
+            return
+        http = self._http()
+        tls.set_protocol(http)
+        http.connection_made(tls)
+        for chunk in self._pending:
+            http.data_received(chunk)
+        self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        """Decrypted bytes that arrive before the name check: held, never parsed unless it passes."""
+        self._pending.append(data)
+
+    def eof_received(self) -> bool:
+        self._closed = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._pending.clear()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+class TlsSite(web.BaseSite):
+    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring).
+
+    Listens on `sock` when given (a socket the supervisor bound and shares with its workers),
+    else binds `host`:`port` itself.
+    """
+
+    def __init__(
+        self, runner: web.BaseRunner, tls: TlsManager, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+    ) -> None:
+        super().__init__(runner, backlog=2048)
+        self._host = host
+        self._port = port
+        self._sock = sock
+        self._tls = tls
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        if self._server is not None and self._server.sockets:  # type: ignore[attr-defined]
+            return int(self._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self._port
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        http = self._runner.server
+        assert http is not None
+        where: dict[str, Any] = {"sock": self._sock} if self._sock else {"host": self._host, "port": self._port, "reuse_address": True}
+        self._server = await loop.create_server(lambda: _TlsConnection(self._tls, http, loop), backlog=self._backlog, **where)
