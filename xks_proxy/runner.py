@@ -153,7 +153,7 @@ def serve(
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
     if config.audit.path is not None:
-        audit.file_handler(config.audit).close()  # refuse to start on an audit file that cannot be written
+        audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
     sock = _listen(host, port)
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
