@@ -97,7 +97,7 @@ class Target:
             cmd = [sys.executable, str(ROOT / "bench" / "baseline.py"), "--port", str(port), "--workers", str(workers)]
         else:
             cmd = [sys.executable, "-m", "xks_proxy.cli", "serve", "--home", str(self.home), "--http",
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]  # fmt: skip
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env, start_new_session=True)
         wait_listening(port, proc)
         return proc

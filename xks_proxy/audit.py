@@ -4,13 +4,14 @@ Every XKS request writes one record (the server builds it: who asked, for which 
 happened, how long it took; never data or secrets). Other parts of the proxy (the admin API)
 record their actions with `audit({...})`.
 
-Records go to the logger "xks_proxy.audit", which does not propagate to the server log. The
-file is written by a QueueListener thread: the event loop only puts a record on a queue, so a
-slow disk never stalls a request. The file and its rotated copies are 0600.
+In the server, the event loop only appends each record to a list; a thread writes the list
+every 50 ms in one call (`LineBatch`), so neither a slow disk nor a syscall per record stalls
+requests. The file and its rotated copies are 0600.
 
 With several worker processes, rotating one file from many processes would lose records, so
-workers forward each record as one datagram to the supervisor's sidecar, the only writer of
-the file (`AuditLog(config, forward_to=socket)` in a worker, `file_handler` in the sidecar).
+workers forward their batches as datagrams of whole lines to the supervisor's sidecar, the
+only writer of the file (`AuditLog(config, forward_to=socket)` in a worker, `rotating_file`
+in the sidecar).
 A CLI process (key lifecycle, credentials, stores) appends its records with `append_only`: no
 rotation (the server's job), and O_APPEND on both sides keeps whole lines.
 """
@@ -18,9 +19,7 @@ rotation (the server's job), and O_APPEND on both sides keeps whole lines.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
-import queue
 import socket
 import time
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import orjson
 
 from xks_proxy.config import AuditConfig, ConfigError
+from xks_proxy.logsink import LineBatch, RotatingFile
 
 logger = logging.getLogger("xks_proxy.audit")
 logger.propagate = False
@@ -38,6 +38,8 @@ MAX_FIELD = 2048
 
 _sinks = 0  # open AuditLogs; records are built only when there is somewhere to put them
 _appender: logging.Handler | None = None
+_batch: "LineBatch | None" = None  # the server's batched sink, when one is open
+_DATAGRAM = 60_000  # bytes of lines per datagram to the sidecar (it reads up to 128 KiB)
 
 
 def enabled() -> bool:
@@ -55,38 +57,51 @@ def audit(event: dict[str, Any]) -> None:
 
 def write_line(line: str) -> None:
     """Write an already-serialized record (the server's hot path serializes once for two logs)."""
-    if _sinks:
+    if _batch is not None:
+        _batch.add(line)
+    elif _sinks:
         logger.info("%s", line)
 
 
+def forward_lines(sock: socket.socket, lines: list[str]) -> None:
+    """Send lines to the sidecar in datagrams of whole lines, each well under its receive size."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) + 1 > _DATAGRAM:
+            sock.send("\n".join(chunk).encode())
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line) + 1
+    if chunk:
+        sock.send("\n".join(chunk).encode())
+
+
+_second: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
+    """UTC time with milliseconds. The formatted second is reused: strftime per request was 2% of a worker."""
+    global _second
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
 
 
 def clip(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
 
 
-class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """Creates the log and every rotated file owner-only, whatever the umask."""
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        stream = super()._open()
-        os.chmod(self.baseFilename, 0o600)
-        return stream
-
-
-def file_handler(config: AuditConfig) -> logging.Handler:
-    """The audit file with size-based rotation (for the one process that writes it)."""
+def rotating_file(config: AuditConfig) -> RotatingFile:
+    """The audit file, for the one process that writes it. A file that cannot be written stops the start."""
     assert config.path is not None
     try:
         config.path.parent.mkdir(parents=True, exist_ok=True)
-        handler = _PrivateRotatingFileHandler(config.path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
+        return RotatingFile(config.path, config.max_bytes, config.backups)
     except OSError as exc:
         raise ConfigError(f"audit.path: cannot write {config.path}: {exc.strerror}") from None
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    return handler
 
 
 class _PrivateFileHandler(logging.FileHandler):
@@ -111,49 +126,35 @@ def append_only(config: AuditConfig) -> None:
     _sinks += 1
 
 
-class _Forward(logging.Handler):
-    """Sends each record as one datagram to the sidecar (blocking, but in the listener thread)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self._sock = sock
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._sock.send(record.getMessage().encode())
-        except Exception:
-            self.handleError(record)
-
-
 class AuditLog:
-    """The configured audit sink; `close()` flushes it (the runner calls it at shutdown)."""
+    """The server's audit sink: batched to the file (one process) or to the sidecar (workers)."""
 
     def __init__(self, config: AuditConfig, forward_to: socket.socket | None = None) -> None:
-        self._listener: logging.handlers.QueueListener | None = None
-        self._handler: logging.Handler | None = None
+        global _batch, _sinks
+        self._file: RotatingFile | None = None
+        self._batch: LineBatch | None = None
         if config.path is None:
             return
-        target = _Forward(forward_to) if forward_to is not None else file_handler(config)
-        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._listener = logging.handlers.QueueListener(records, target)
-        self._handler = logging.handlers.QueueHandler(records)
-        self._listener.start()
-        logger.addHandler(self._handler)
-        global _sinks
+        if forward_to is not None:
+            self._batch = LineBatch(lambda lines: forward_lines(forward_to, lines))
+        else:
+            self._file = rotating_file(config)
+            self._batch = LineBatch(self._file.write_lines)
+        _batch = self._batch
         _sinks += 1
 
     @property
     def enabled(self) -> bool:
-        return self._handler is not None
+        return self._batch is not None
 
     def close(self) -> None:
-        global _sinks
-        if self._handler is not None:
-            logger.removeHandler(self._handler)
-            self._handler = None
+        global _batch, _sinks
+        if self._batch is not None:
+            if _batch is self._batch:
+                _batch = None
+            self._batch.close()
+            self._batch = None
             _sinks -= 1
-        if self._listener is not None:
-            self._listener.stop()
-            for handler in self._listener.handlers:
-                handler.close()
-            self._listener = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

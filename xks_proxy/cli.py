@@ -217,11 +217,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    """The server log on stderr, written in batches (see xks_proxy/logsink.py)."""
+    from xks_proxy.logsink import BatchHandler
+
+    handler = BatchHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 # --- keys ----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ async def _run(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    writer = audit.file_handler(config.audit) if audit_socket is not None and config.audit.path else None
+    writer = audit.rotating_file(config.audit) if audit_socket is not None and config.audit.path else None
 
     def drain() -> None:
         assert audit_socket is not None and writer is not None
@@ -51,7 +51,7 @@ async def _run(
                 line = audit_socket.recv(_MAX_RECORD)
             except BlockingIOError:
                 return
-            writer.emit(logging.makeLogRecord({"msg": line.decode("utf-8", "replace")}))
+            writer.write_lines([line.decode("utf-8", "replace")])  # a datagram is whole lines
 
     if writer is not None and audit_socket is not None:
         audit_socket.setblocking(False)
