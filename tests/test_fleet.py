@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import struct
 import time
 from collections import Counter
@@ -24,7 +25,6 @@ from tests.lifecycle_util import acli, patch_config, wait_for
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 from xks_proxy import config as configmod
 from xks_proxy import shared_settings
-from xks_proxy.home import new_access_key_id, new_secret, sealed_credential
 
 HEALTH_META = {"kmsRequestId": "fleet-health", "kmsOperation": "KmsHealthCheck"}
 
@@ -120,21 +120,29 @@ async def test_two_proxies_share_keys_credentials_and_health(
 
     await propagated(refused_on_a, disabled)
 
-    # A credential added to the shared stores serves on every proxy; the one removed stops.
-    akid, secret = new_access_key_id(), new_secret()
-    config = configmod.load(home_a.path)
-    with shared_settings.editing(config, "test") as stores:
-        stores[0]["credentials"].append(sealed_credential(config.master_key, akid, secret))
+    # A credential added through one proxy's home serves on every proxy; the one removed stops.
+    rc, out, err = await acli("credentials", "add", home=home_a.path)
+    assert rc == 0, err
     added = time.monotonic()
+    akid = re.search(r"access key id:\s+(\S+)", out)[1]  # type: ignore[index]
+    secret = re.search(r"secret access key:\s+(\S+)", out)[1]  # type: ignore[index]
     new_on_b = client_for(session, b, akid, secret)
     await propagated(lambda: _status_is(new_on_b, 200), added)
-    with shared_settings.editing(config, "test") as stores:
-        stores[0]["credentials"] = [c for c in stores[0]["credentials"] if c["access_key_id"] == akid]
+    rc, out, err = await acli("credentials", "remove", home_a.access_key_id, home=home_b.path)
+    assert rc == 0, err
     removed = time.monotonic()
     await propagated(lambda: _status_is(via_b, 401), removed)
     assert await _status_is(new_on_b, 200)
-    stored = shared_settings.stores_raw(config)
-    assert secret not in json.dumps(stored) and stored[0]["credentials"][0]["secret_access_key_sealed"]
+    stored = shared_settings.stores_raw(configmod.load(home_a.path, shared=False))
+    assert [c["access_key_id"] for c in stored[0]["credentials"]] == [akid]
+    assert secret not in json.dumps(stored) and "stores" not in configmod.read_raw(home_b.path)
+    rc, out, err = await acli("stores", "add", "second", "--region", "eu-west-1", home=home_b.path)
+    assert rc == 0, err
+    added = time.monotonic()
+    second = Client(session, a.url, "/second/kms/xks/v1",
+                    re.search(r"access key id:\s+(\S+)", out)[1], re.search(r"secret access key:\s+(\S+)", out)[1],  # type: ignore[index]
+                    region="eu-west-1")  # fmt: skip
+    await propagated(lambda: _status_is(second, 200), added)
 
     rc, out, err = await acli("fleet", "status", home=home_a.path)
     assert rc == 0, err
