@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REGION
-from tests.lifecycle_util import cli, patch_config
+from tests.lifecycle_util import acli, cli, patch_config
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
 from xks_proxy.home import init_home
@@ -104,3 +104,27 @@ def test_cli_against_a_database_that_is_not_there(home: Path, tmp_path: Path) ->
         assert done.returncode == 1, (args, done.stderr)
         assert done.stderr.count("\n") == 1 and "postgresql://xks@127.0.0.1:1/xks is unreachable" in done.stderr, done.stderr
         assert PASSWORD not in done.stdout + done.stderr
+
+
+async def test_drain_turns_liveness_to_503_while_the_api_still_answers(home: Path) -> None:
+    """A rolling upgrade's first step: the load balancer sees /ping fail; requests that still come are served."""
+    from tests.conftest import Home
+    from tests.lifecycle_util import serving
+
+    akid_home = configmod.load(home)
+    store = akid_home.stores[0]
+    h = Home(path=home, prefix="test", access_key_id=store.credentials[0].access_key_id, secret=store.credentials[0].secret)
+    h.create_key("foo")
+    async with serving(h) as live:
+        session = live.client.session
+        ping = live.client.base_url + "/ping"
+        async with session.get(ping) as resp:
+            assert resp.status == 200
+        done = await acli("fleet", "drain", home=home)
+        assert done[0] == 0 and "503" in done[1], done
+        async with session.get(ping) as resp:
+            assert (resp.status, await resp.text()) == (503, "draining\n")
+        assert (await live.client.encrypt("foo", b"still served"))[0] == 200
+        assert (await acli("fleet", "resume", home=home))[0] == 0
+        async with session.get(ping) as resp:
+            assert resp.status == 200

@@ -1,8 +1,9 @@
 """The documented local fleet (deploy/fleet/run-local.sh): PostgreSQL, two proxies, HAProxy with TLS.
 
 Signed HTTPS traffic goes through the real HAProxy (SigV4 signs the Host header: it must arrive
-intact), one proxy is SIGKILLed mid-traffic, and not one request may fail: HAProxy resends what
-was in flight on the dead proxy and drains it by its /ping check.
+intact) while one proxy is rolled (drained through /ping, stopped, started: a rolling upgrade)
+and then the other is SIGKILLed. Not one request may fail: HAProxy resends what was in flight
+on the dead proxy and takes it out of rotation by its /ping check.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from aiohttp import ClientSession, TCPConnector
@@ -65,18 +65,19 @@ async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
                 session, f"https://localhost:{https_port}", exported["XksProxyUriPath"],
                 credential["AccessKeyId"], credential["RawSecretAccessKey"],
             )  # fmt: skip
-            outcome = await _traffic_with_a_kill(client, fleet / "proxy-2.pid")
+            outcome = await _traffic(client, fleet, env)
         log = (fleet / "haproxy.log").read_text()
     finally:
         _run(str(SCRIPT), "stop", str(fleet), env=env)
     try:
         served = re.findall(r"xks_proxies/(proxy\d) \S+ (\d{3}) .* (\d+)/(\d+)/(\d+)/(\d+)/\+?(\d+) \d+/\d+ \"POST", log)
         assert outcome["failures"] == [], outcome["failures"][:5]
-        assert outcome["before"] > 20 and outcome["after"] > 100, outcome
-        assert {"proxy1", "proxy2"} <= {s[0] for s in served}  # both carried traffic before the kill
-        assert "xks_proxies/proxy2 is DOWN" in log  # drained by the health check
+        assert outcome["before"] > 100 and outcome["after"] > 100, outcome
+        assert {"proxy1", "proxy2"} <= {s[0] for s in served}  # both carried traffic
+        assert log.index("xks_proxies/proxy1 is DOWN") < log.index("xks_proxies/proxy1 is UP")  # rolled: out, back in
+        assert "xks_proxies/proxy2 is DOWN" in log  # the killed one, taken out by the health check
         retried = sum(1 for s in served if int(s[6]) > 0)
-        print(f"\nrequests: {outcome['before']} before the kill, {outcome['after']} after, 0 failed; "
+        print(f"\nrequests: {outcome['before']} up to the kill (proxy 1 rolled meanwhile), {outcome['after']} after, 0 failed; "
               f"resent by HAProxy to the other proxy: {retried}")  # fmt: skip
         password = (fleet / "pg.dsn").read_text().split(":")[2].split("@")[0]
         for path in fleet.glob("*.log"):
@@ -85,15 +86,15 @@ async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def _traffic_with_a_kill(client: Client, pidfile: Path) -> dict:
-    """Eight concurrent encrypt+decrypt loops; SIGKILL proxy 2 after one second, then two more seconds."""
+async def _traffic(client: Client, fleet: Path, env: dict[str, str]) -> dict:
+    """Eight concurrent encrypt+decrypt loops: roll proxy 1, then SIGKILL proxy 2, then two more seconds."""
     failures: list = []
     done = {"n": 0}
-    stop_at = [time.monotonic() + 60]
+    running = [True]
 
     async def loop(worker: int) -> None:
         i = 0
-        while time.monotonic() < stop_at[0]:
+        while running[0]:
             plaintext = b"w%d-%d" % (worker, i)
             try:
                 status, enc = await client.encrypt("foo", plaintext)
@@ -109,10 +110,14 @@ async def _traffic_with_a_kill(client: Client, pidfile: Path) -> dict:
             i += 1
 
     loops = [asyncio.create_task(loop(w)) for w in range(8)]
-    await asyncio.sleep(1.0)
-    before = done["n"]
-    os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-    killed = done["n"]
-    stop_at[0] = time.monotonic() + 2.0
-    await asyncio.gather(*loops)
-    return {"failures": failures, "before": before, "after": done["n"] - killed}
+    try:
+        await asyncio.sleep(1.0)
+        rolled = await asyncio.to_thread(_run, str(SCRIPT), "roll", str(fleet), "1", env=env)
+        assert rolled.returncode == 0 and "rolled proxy 1" in rolled.stdout, rolled.stdout + rolled.stderr
+        before = done["n"]
+        os.killpg(int((fleet / "proxy-2.pid").read_text()), signal.SIGKILL)
+        await asyncio.sleep(2.0)
+    finally:
+        running[0] = False
+        await asyncio.gather(*loops)
+    return {"failures": failures, "before": before, "after": done["n"] - before}

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     init.set_defaults(func=_command(cmd_init))
     status = fleet.add_parser("status", parents=[common], help="the shared database and the proxies heartbeating into it")
     status.set_defaults(func=_command(cmd_status))
+    drain = fleet.add_parser("drain", parents=[common], help="make this proxy's GET /ping answer 503 (before stopping it)")
+    drain.set_defaults(func=_command(cmd_drain))
+    resume = fleet.add_parser("resume", parents=[common], help="make this proxy's GET /ping answer 200 again")
+    resume.set_defaults(func=_command(cmd_resume))
 
 
 def _command(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -189,4 +193,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """The load balancer stops sending new requests here within its check interval; the API still answers."""
+    from xks_proxy.server import DRAIN_FILE
+
+    home = configmod.home_dir(args.home)
+    configmod.read_raw(home)  # a home, not any directory
+    (home / DRAIN_FILE).write_text(f"drained by {_actor()}\n")
+    print(f"{home}: GET /ping now answers 503; stop the proxy once the load balancer has taken it out")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from xks_proxy.server import DRAIN_FILE
+
+    home = configmod.home_dir(args.home)
+    configmod.read_raw(home)
+    (home / DRAIN_FILE).unlink(missing_ok=True)
+    print(f"{home}: GET /ping answers 200 again")
     return 0

@@ -48,6 +48,8 @@ log = logging.getLogger("xks_proxy.server")
 
 _API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
 LIVENESS_PATH = "/ping"
+#: While this file exists in the home, GET /ping answers 503: load balancers drain the proxy.
+DRAIN_FILE = "drain"
 _JSON = "application/json"
 
 
@@ -76,6 +78,7 @@ class XksServer:
         self.config = config
         self.key_manager = key_manager
         self.stores = StoreTable(config.stores)
+        self._drain_file = config.home / DRAIN_FILE
         self.metrics = metrics or NoMetrics()
         self.throttle = Throttle(config, workers)
         #: With a shared vault: heartbeats, the fleet size, and the stores every proxy shares.
@@ -119,7 +122,7 @@ class XksServer:
         started = time.perf_counter()
         path = request.rel_url.raw_path
         if path == LIVENESS_PATH and request.method in ("GET", "HEAD"):
-            return web.Response(text="OK\n")
+            return self._liveness()
         outcome = Outcome()
         try:
             body = await self._dispatch(request, path, outcome)
@@ -148,6 +151,16 @@ class XksServer:
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.method} is not supported here; XKS API calls use POST")
         return store, key_id
+
+    def _liveness(self) -> web.Response:
+        """200, or 503 while `<home>/drain` exists (`xks-proxy fleet drain`).
+
+        Draining takes a proxy out of its load balancer's rotation before it is stopped (a
+        rolling upgrade): the XKS API still answers every request that arrives meanwhile.
+        """
+        if self._drain_file.exists():
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="OK\n")
 
     async def _dispatch(self, request: web.Request, path: str, outcome: Outcome) -> dict[str, Any]:
         store, key_id = self._route(request, path, outcome)

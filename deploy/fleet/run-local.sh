@@ -4,6 +4,8 @@
 # and HAProxy (apt-get install haproxy) terminating TLS in front of them with deploy/haproxy.cfg.
 #
 #   deploy/fleet/run-local.sh start DIR [N]    start N proxies (default 2) with everything under DIR
+#   deploy/fleet/run-local.sh roll DIR [K...]  restart proxies K (default all) one at a time, as a
+#                                              rolling upgrade does: drain, stop, (upgrade), start
 #   deploy/fleet/run-local.sh stop DIR         stop all of it (the data stays in DIR)
 #
 # Environment (defaults): XKS_PROXY (xks-proxy: the command to run), XKS_HTTPS_PORT (8443, the
@@ -17,11 +19,12 @@
 # development certificate for localhost, with its key), *.log and *.pid.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1
 dir=$(realpath -m "$2")
-count=${3:-2}
+shift 2
+count=${1:-2}
 here=$(cd "$(dirname "$0")" && pwd)
 read -ra xks <<< "${XKS_PROXY:-xks-proxy}"
 https_port=${XKS_HTTPS_PORT:-8443}
@@ -82,16 +85,30 @@ make_homes() {
   (umask 077; cat "$dir/home-1/tls/server.pem" "$dir/home-1/tls/server.key" > "$dir/haproxy.pem")
 }
 
+start_proxy() {  # start_proxy K
+  setsid "${xks[@]}" serve --home "$dir/home-$1" --http --host 127.0.0.1 --port "$((base_port + $1 - 1))" \
+    --workers "$workers" >>"$dir/proxy-$1.log" 2>&1 < /dev/null &
+  echo $! > "$dir/proxy-$1.pid"
+}
+
 start_proxies() {
-  for k in $(seq 1 "$count"); do
-    local port=$((base_port + k - 1))
-    setsid "${xks[@]}" serve --home "$dir/home-$k" --http --host 127.0.0.1 --port "$port" --workers "$workers" \
-      >>"$dir/proxy-$k.log" 2>&1 < /dev/null &
-    echo $! > "$dir/proxy-$k.pid"
-  done
+  for k in $(seq 1 "$count"); do start_proxy "$k"; done
   for k in $(seq 1 "$count"); do
     wait_for "proxy $k" curl -sf "http://127.0.0.1:$((base_port + k - 1))/ping"
   done
+}
+
+roll_proxy() {  # roll_proxy K: the rolling-upgrade step for one proxy (docs/fleet.md)
+  local k=$1 port=$((base_port + $1 - 1))
+  "${xks[@]}" fleet drain --home "$dir/home-$k" >/dev/null      # its GET /ping answers 503 ...
+  sleep 2                       # ... and HAProxy takes it out after two failed checks 500 ms apart
+  stop_pidfile "$dir/proxy-$k.pid"                              # in-flight requests finish
+  # (an upgrade happens here: a new package, image or virtualenv)
+  "${xks[@]}" fleet resume --home "$dir/home-$k" >/dev/null
+  start_proxy "$k"
+  wait_for "proxy $k" curl -sf "http://127.0.0.1:$port/ping"
+  sleep 3                       # HAProxy puts it back after two good checks (1 s apart while down)
+  echo "rolled proxy $k"
 }
 
 start_haproxy() {
@@ -135,6 +152,13 @@ Fleet of $count proxies running under $dir
   a key:      ${xks[*]} keys create foo --home $dir/home-1
   stop:       $0 stop $dir
 EOF
+    ;;
+  roll)
+    proxies=("$@")
+    if [ ${#proxies[@]} -eq 0 ]; then
+      for home in "$dir"/home-*; do proxies+=("${home##*-}"); done
+    fi
+    for k in "${proxies[@]}"; do roll_proxy "$k"; done
     ;;
   stop)
     stop_pidfile "$dir/haproxy.pid"
