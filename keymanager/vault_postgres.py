@@ -135,6 +135,8 @@ _CONNECT_DEFAULTS = {
     "tcp_user_timeout": "10000",
     "application_name": "xks-proxy",
 }
+#: A connection idle longer than this is checked (SELECT 1) before it is used again.
+_IDLE_CHECK_SECONDS = 1.0
 _SESSION_SETTINGS = (
     "SET statement_timeout = '10s'",
     "SET lock_timeout = '10s'",
@@ -344,6 +346,7 @@ class PostgresStorage:
         self._down_since: float | None = None  # monotonic time of the failure that is still current
         self._last_reason = ""
         self._next_attempt = 0.0
+        self._last_used = time.monotonic()
         #: `SHOW server_version` of the last connection ("" before the first).
         self.server_version = ""
         #: time.monotonic() of the last successful round trip (0 before the first).
@@ -379,13 +382,27 @@ class PostgresStorage:
             self._down_since = time.monotonic()
         self._next_attempt = time.monotonic() + self._retry_seconds
 
+    def _usable(self) -> psycopg.Connection[Any]:
+        """The connection, reconnecting if it is gone, or if it sat idle and no longer answers.
+
+        (A connection the server dropped while idle, e.g. across a database restart, fails only
+        when used: a cheap check after a pause spares the next real transaction that failure.)
+        """
+        conn = self._conn
+        if conn is not None and not conn.closed and time.monotonic() - self._last_used > _IDLE_CHECK_SECONDS:
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                conn.close()
+        if conn is None or conn.closed:
+            conn = self._conn = self._connect()
+        return conn
+
     @contextmanager
     def _session(self) -> Iterator[psycopg.Connection[Any]]:
         """The connection (reconnecting if needed), under the lock; a lost one becomes StorageUnavailable."""
         with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-            conn = self._conn
+            conn = self._usable()
             try:
                 yield conn
             except psycopg.OperationalError as exc:
@@ -399,9 +416,11 @@ class PostgresStorage:
                 conn.close()
                 self._failed(exc)
                 raise StorageUnavailable(f"the vault database {self.display} failed: {self._last_reason}") from None
+            finally:
+                self._last_used = time.monotonic()
             self._down_since = None
             self._next_attempt = 0.0
-            self.last_ok = time.monotonic()
+            self.last_ok = self._last_used
 
     def close(self) -> None:
         with self._lock:

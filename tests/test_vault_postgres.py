@@ -10,8 +10,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import jwt
 import psycopg
 import pytest
+from aiohttp import ClientSession
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -22,6 +24,7 @@ from keymanager.vault_storage import StorageUnavailable
 from tests.conftest import REGION, Client, Home, metadata, unb64
 from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home, write_dsn_file
 from tests.lifecycle_util import acli, serving, wait_for
+from tests.test_admin import Admin, _admin_config, _claims
 from xks_proxy import config as configmod
 from xks_proxy.home import init_home
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
@@ -299,14 +302,21 @@ async def test_database_down_spends_only_reserved_counts_then_refuses_retryably(
     cluster, name, dsn = pg_database
     home = pg_home(tmp_path / "home", dsn, count_block=20, refresh_seconds=0.1)
     home.create_key("foo")
+    jwt_secret = "s" * 40
+    (home.path / "admin-jwt.secret").write_text(jwt_secret)
+    _admin_config(home, hs256_secret_file="admin-jwt.secret")
+    token = jwt.encode(_claims(), jwt_secret, algorithm="HS256")
     try:
-        async with serving(home) as live:
+        async with serving(home) as live, ClientSession() as session:
             client = live.client
+            admin = Admin(session, live.admin.port, home.path / "tls" / "ca.pem")
             status, first = await client.encrypt("foo", b"before")
             assert status == 200  # reserved a block of 20, used 1
             assert (await _health(client))["xksProxyFleetSize"] == 1
             cluster.set_connectable(name, False)
             await wait_for(lambda: _health_states(client, ("DEGRADED", "UNAVAILABLE")), timeout=5)
+            status, body = await admin.call("POST", "/keys/foo/disable", token, {})
+            assert (status, body["errorName"]) == (503, "DependencyTimeoutException"), body  # lifecycle: retryable refusal
             made = [await client.encrypt("foo", b"during %d" % i) for i in range(25)]
             assert [status for status, _ in made] == [200] * 19 + [503] * 6  # never one uncounted encryption
             assert {body["errorName"] for status, body in made if status == 503} == {"DependencyTimeoutException"}
@@ -318,6 +328,8 @@ async def test_database_down_spends_only_reserved_counts_then_refuses_retryably(
             await wait_for(lambda: _health_states(client, ("ACTIVE", "ACTIVE")), timeout=5)
             status, after = await client.encrypt("foo", b"after")
             assert status == 200
+            status, body = await admin.call("GET", "/keys/foo", token)
+            assert (status, body["keyStatus"]) == (200, "ENABLED")  # the refused change was not made
             status, body = await client.decrypt("foo", first)
             assert status == 200 and unb64(body["plaintext"]) == b"before"
         db = pg_vault(dsn, master=home.config.master_key)

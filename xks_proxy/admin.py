@@ -40,9 +40,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keymanager.base import KeyManager
 from keymanager.vault import BadRequest, NoSuchKey, VaultDB, VaultError, audit
+from keymanager.vault_storage import StorageUnavailable
 from xks_proxy.config import AdminConfig, AdminJwtConfig, Config, ConfigError
 from xks_proxy.errors import (
     AccessDeniedException,
+    DependencyTimeoutException,
     AuthenticationFailedException,
     InternalException,
     InvalidStateException,
@@ -155,8 +157,16 @@ class AdminApi:
         return app
 
     async def open(self) -> None:
-        vault = self._config.vault
-        self._db = await asyncio.to_thread(VaultDB.open, vault.path, self._config.master_key, vault.dsn)
+        try:
+            await self._vault()
+        except StorageUnavailable as exc:  # a fleet's database: opened on the first request instead
+            log.error("admin API: %s; it answers DependencyTimeoutException until the database is back", exc)
+
+    async def _vault(self) -> VaultDB:
+        if self._db is None:
+            vault = self._config.vault
+            self._db = await asyncio.to_thread(VaultDB.open, vault.path, self._config.master_key, vault.dsn)
+        return self._db
 
     async def close(self) -> None:
         if self._db is not None:
@@ -171,9 +181,17 @@ class AdminApi:
             if action in _WRITES and principal.role != ADMIN:
                 raise AccessDeniedException(f"role {principal.role} may only read; {action} needs role admin")
             doc = await self._body(request) if request.method == "POST" else {}
-            store = self._store(doc.get("store") if request.method == "POST" else request.query.get("store"))
-            keys = VaultLifecycle(self._db, store, principal.subject, "admin-api")  # type: ignore[arg-type]
-            result = await asyncio.to_thread(self._operation(action, key_id, doc, keys))
+            try:
+                if self._config.vault.dsn is not None:  # a fleet's stores change in its database
+                    from xks_proxy import shared_settings
+
+                    self._config = await asyncio.to_thread(shared_settings.load_into, self._config)
+                store = self._store(doc.get("store") if request.method == "POST" else request.query.get("store"))
+                keys = VaultLifecycle(await self._vault(), store, principal.subject, "admin-api")
+                result = await asyncio.to_thread(self._operation(action, key_id, doc, keys))
+            except StorageUnavailable as exc:
+                log.error("admin API %s: %s", action, exc)
+                raise DependencyTimeoutException("the vault database is unreachable; nothing was changed, retry later") from None
             if action == "versions":
                 self._add_live_counts(store, key_id, result)
             return web.json_response(result, dumps=_dumps)
