@@ -550,7 +550,8 @@ class VaultDB:
 
         One transaction: all or nothing. Sealed blobs are copied as they are (they are bound to
         store, key id and version, not to a storage), so both vaults must share the master key:
-        that is checked first, on `other`'s own health key. Returns the number of keys copied.
+        every blob of `other` is checked to open under this vault's first. Returns the number of
+        keys copied.
         """
         with other._storage.read() as tx:
             dump = tx.dump()

@@ -24,6 +24,7 @@ from aiohttp import ClientSession, TCPConnector
 
 from tests.conftest import Client, need, unb64
 from tests.fleet_util import free_port
+from tests.lifecycle_util import wait_for
 from tests.postgres import pg_bin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,7 @@ async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
                 session, f"https://localhost:{https_port}", exported["XksProxyUriPath"],
                 credential["AccessKeyId"], credential["RawSecretAccessKey"],
             )  # fmt: skip
+            await wait_for(lambda: _served_by_both(client), timeout=3)  # the new key reached both proxies
             outcome = await _traffic(client, fleet, env)
         log = (fleet / "haproxy.log").read_text()
     finally:
@@ -84,6 +86,11 @@ async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
             assert password not in path.read_text(), f"{path} shows the database password"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def _served_by_both(client: Client) -> bool:
+    """Four encryptions in a row succeed: HAProxy's round robin sent them to both proxies."""
+    return all([(await client.encrypt("foo", b"ready"))[0] == 200 for _ in range(4)])
 
 
 async def _traffic(client: Client, fleet: Path, env: dict[str, str]) -> dict:
