@@ -28,13 +28,13 @@ from xks_proxy.lifecycle import VaultLifecycle
 
 pytestmark = pytest.mark.vault_only  # lifecycle lives in the vault; PKCS#11 keys live in the HSM
 
-DOC = ROOT / "docs" / "key-lifecycle.md"
+DOC = ROOT / "README.md"
 
 
 def doc_block(name: str) -> str:
     """The bash block the README shows under `<!-- tested: NAME -->`: the test runs exactly that."""
     match = re.search(rf"<!-- tested: {re.escape(name)} -->\s*```bash\n(.*?)```", DOC.read_text(), re.S)
-    assert match, f"docs/key-lifecycle.md has no tested block {name}"
+    assert match, f"README.md has no tested block {name}"
     return match.group(1)
 
 
@@ -233,3 +233,11 @@ def test_aes_key_wrap_layout(home: Home) -> None:
         assert AESGCM(material).decrypt(probe[0], probe[1] + probe[2], _aad(None, b"")) == b"probe"
     finally:
         db.close()
+
+
+def test_lifecycle_doc_shows_the_same_tested_commands() -> None:
+    """docs/key-lifecycle.md repeats the README's wrapping commands: they must stay the same."""
+    doc = (ROOT / "docs" / "key-lifecycle.md").read_text()
+    for name in ("make-material", "wrap-RSAES_OAEP_SHA_256", "wrap-RSAES_OAEP_SHA_1", "wrap-RSA_AES_KEY_WRAP_SHA_256"):
+        match = re.search(rf"<!-- tested: {re.escape(name)} -->\s*```bash\n(.*?)```", doc, re.S)
+        assert match and match.group(1) == doc_block(name), name
