@@ -128,3 +128,4 @@ async def test_drain_turns_liveness_to_503_while_the_api_still_answers(home: Pat
         assert (await acli("fleet", "resume", home=home))[0] == 0
         async with session.get(ping) as resp:
             assert resp.status == 200
+

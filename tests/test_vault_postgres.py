@@ -23,7 +23,7 @@ from keymanager.vault_postgres import PostgresStorage
 from keymanager.vault_storage import StorageUnavailable
 from tests.conftest import REGION, Client, Home, metadata, unb64
 from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home, write_dsn_file
-from tests.lifecycle_util import acli, serving, wait_for
+from tests.lifecycle_util import acli, cli, serving, wait_for
 from tests.test_admin import Admin, _admin_config, _claims
 from xks_proxy import config as configmod
 from xks_proxy.home import init_home
@@ -405,3 +405,19 @@ async def _encrypts_as_version(client: Client, version: int, made: list[Any]) ->
     if ok:
         made.append(enc)
     return ok
+
+
+def test_empty_database_points_at_fleet_init(tmp_path: Path, pg_database: tuple[Cluster, str, str]) -> None:
+    from tests.test_fleet_config import _fleet_home
+
+    _, _, dsn = pg_database
+    home = tmp_path / "home"
+    init_home(home, "test", REGION, 0)
+    dsn_file = tmp_path / "pg.dsn"
+    dsn_file.write_text(dsn)
+    dsn_file.chmod(0o600)
+    _fleet_home(home, dsn_file=str(dsn_file))
+    for args in (("keys", "list"), ("serve", "--http", "--port", "0")):
+        done = cli(*args, home=home)
+        assert done.returncode == 2 and "holds no key stores yet; run `xks-proxy fleet init`" in done.stderr, done.stderr
+    assert json.loads(cli("fleet", "status", home=home).stdout)["schema"] == 0

@@ -42,6 +42,8 @@ def dump(stores: list[dict[str, Any]]) -> str:
 
 def read(storage: PostgresStorage) -> tuple[list[dict[str, Any]], int] | None:
     """(stores, revision) from the database, or None if no stores were ever put there."""
+    if storage.schema_version() == 0:
+        return None  # an empty database: `xks-proxy fleet init` has not run
     with storage.read() as tx:
         found = tx.setting(STORES)
     return (parse(found[0]), found[1]) if found else None
