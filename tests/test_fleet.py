@@ -12,14 +12,16 @@ import json
 import re
 import struct
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
+import tomli_w
 from aiohttp import ClientSession
 
-from tests.conftest import Client, Home, unb64
+from tests.conftest import Client, Home, metadata, unb64
 from tests.fleet_util import DSN_PASSWORD, Proxy, copy_home, free_port, pg_home
 from tests.lifecycle_util import acli, patch_config, wait_for
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
@@ -144,6 +146,30 @@ async def test_two_proxies_share_keys_credentials_and_health(
                     region="eu-west-1")  # fmt: skip
     await propagated(lambda: _status_is(second, 200), added)
 
+    # A policy, edited as the fleet's [[stores]] document, is enforced by every proxy.
+    rc, out, err = await acli("fleet", "get-stores", home=home_b.path)
+    assert rc == 0 and out.startswith("# revision ") and secret not in out, err
+    doc = tomllib.loads(out)
+    doc["stores"][0]["policy"] = [{"name": "no-encrypt-for-mallory", "effect": "deny", "kmsOperation": "Encrypt",
+                                   "awsPrincipalArn": "arn:aws:iam::*:user/mallory"}]  # fmt: skip
+    edited = tmp_path / "stores.toml"
+    edited.write_text(out.split("\n[[stores]]")[0] + "\n" + tomli_w.dumps(doc))
+    rc, out, err = await acli("fleet", "put-stores", str(edited), home=home_a.path)
+    assert rc == 0, err
+    put = time.monotonic()
+    mallory = metadata("Encrypt", awsPrincipalArn="arn:aws:iam::123456789012:user/mallory")
+
+    async def denied_on_b() -> bool:
+        status, body = await new_on_b.encrypt("shared-2", b"x", requestMetadata=mallory)
+        return status == 403 and "no-encrypt-for-mallory" in body.get("errorMessage", "")
+
+    rc, _, err = await acli("keys", "create", "shared-2", "--store", "test", home=home_a.path)
+    assert rc == 0, err
+    await propagated(denied_on_b, put)
+    await wait_for(lambda: _encrypt_ok(new_on_b, "shared-2"), timeout=2)  # others are still served
+    rc, out, err = await acli("fleet", "put-stores", str(edited), home=home_a.path)  # a stale edit
+    assert rc == 1 and "changed since revision" in err, err
+
     rc, out, err = await acli("fleet", "status", home=home_a.path)
     assert rc == 0, err
     status_doc = json.loads(out)
@@ -154,6 +180,10 @@ async def test_two_proxies_share_keys_credentials_and_health(
     stopped = time.monotonic()
     await wait_for(lambda: _fleet_size_is(client_for(session, a, akid, secret), 1), timeout=3)
     assert time.monotonic() - stopped < 3
+
+
+async def _encrypt_ok(client: Client, key_id: str) -> bool:
+    return (await client.encrypt(key_id, b"ok"))[0] == 200
 
 
 async def _status_is(client: Client, expected: int) -> bool:

@@ -1,5 +1,10 @@
 """`xks-proxy fleet init|status`: move a home onto a shared PostgreSQL vault, and look at the fleet.
 
+`fleet get-stores` / `fleet put-stores` edit the fleet's `[[stores]]` document (policies above
+all, which have no command of their own) the way config.toml is edited on one box: the file
+names the revision it was read at, and `put-stores` refuses it if someone changed the stores
+since, so no edit is lost.
+
 `fleet init` turns a single-box home into the first member of a fleet, in an order that loses
 nothing if it stops half-way (every step can be run again):
   1. the vault schema and health key in the database (`VaultDB` creates them);
@@ -18,7 +23,9 @@ import copy
 import getpass
 import json
 import os
+import re
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from xks_proxy import config as configmod
@@ -44,6 +51,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     init.set_defaults(func=_command(cmd_init))
     status = fleet.add_parser("status", parents=[common], help="the shared database and the proxies heartbeating into it")
     status.set_defaults(func=_command(cmd_status))
+    get = fleet.add_parser("get-stores", parents=[common], help="print the fleet's [[stores]] (secrets sealed) to edit them")
+    get.set_defaults(func=_command(cmd_get_stores))
+    put = fleet.add_parser("put-stores", parents=[common], help="validate an edited [[stores]] file and make it the fleet's")
+    put.add_argument("file", help="the file from get-stores, edited (policies, regions, key_ids, throttle)")
+    put.set_defaults(func=_command(cmd_put_stores))
     drain = fleet.add_parser("drain", parents=[common], help="make this proxy's GET /ping answer 503 (before stopping it)")
     drain.set_defaults(func=_command(cmd_drain))
     resume = fleet.add_parser("resume", parents=[common], help="make this proxy's GET /ping answer 200 again")
@@ -214,4 +226,55 @@ def cmd_resume(args: argparse.Namespace) -> int:
     configmod.read_raw(home)
     (home / DRAIN_FILE).unlink(missing_ok=True)
     print(f"{home}: GET /ping answers 200 again")
+    return 0
+
+
+_REVISION = re.compile(r"^# revision (\d+)\b", re.MULTILINE)
+
+
+def _fleet_config(args: argparse.Namespace) -> Config:
+    config = configmod.load(configmod.home_dir(args.home), shared=False)
+    if config.vault.dsn is None:
+        raise ConfigError("vault.dsn: this home's key stores are in its config.toml; edit that instead")
+    return config
+
+
+def cmd_get_stores(args: argparse.Namespace) -> int:
+    from keymanager.vault_postgres import PostgresStorage
+    from xks_proxy import shared_settings
+
+    config = _fleet_config(args)
+    storage = PostgresStorage(config.vault.dsn or "")
+    try:
+        found = shared_settings.read(storage)
+    finally:
+        storage.close()
+    if found is None:
+        raise FleetError("the database holds no key stores yet; run `xks-proxy fleet init`")
+    stores, revision = found
+    print(f"# revision {revision} of the key stores in {config.vault.dsn_display}; secrets are sealed under the master key.")
+    print("# Edit, then: xks-proxy fleet put-stores FILE (refused if the stores changed since this revision).")
+    print(shared_settings.dump(stores), end="")
+    return 0
+
+
+def cmd_put_stores(args: argparse.Namespace) -> int:
+    from xks_proxy import shared_settings
+
+    config = _fleet_config(args)
+    try:
+        text = Path(args.file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FleetError(f"cannot read {args.file}: {exc}") from None
+    new = shared_settings.parse(text)
+    read_at = _REVISION.search(text)
+    if read_at is None:
+        raise FleetError(f"{args.file} has no '# revision N' line; start from `xks-proxy fleet get-stores`")
+    try:
+        with shared_settings.editing(config, _actor(), expect_revision=int(read_at[1])) as stores:
+            stores[:] = new  # validated as every proxy will, then written, by `editing`
+    except shared_settings.StoresChanged as exc:
+        raise FleetError(f"{exc}; get them again and redo the edit") from None
+    applied = shared_settings.apply(config, new)
+    print(f"key stores replaced: {', '.join(s.uri_path for s in applied.stores)}; every proxy serves them within 2 s")
     return 0

@@ -75,18 +75,26 @@ def load_into(config: Config) -> Config:
     return apply(config, stores_raw(config))
 
 
+class StoresChanged(Exception):
+    """The stores are no longer at the revision an edit started from."""
+
+
 @contextmanager
-def editing(config: Config, actor: str) -> Iterator[list[dict[str, Any]]]:
+def editing(config: Config, actor: str, expect_revision: int | None = None) -> Iterator[list[dict[str, Any]]]:
     """Yield the shared stores to change in place; validate the result and write it, atomically.
 
     The read, the check and the write are one transaction under the vault's writer lock.
-    Anything raised inside leaves the database unchanged.
+    Anything raised inside leaves the database unchanged. With `expect_revision`, raises
+    StoresChanged unless the stores are still at that revision.
     """
     assert config.vault.dsn is not None
     storage = PostgresStorage(config.vault.dsn)
     try:
         with storage.write() as tx:
             found = tx.setting(STORES)
+            revision = found[1] if found else 0
+            if expect_revision is not None and revision != expect_revision:
+                raise StoresChanged(f"the key stores changed since revision {expect_revision} (now {revision})")
             stores = parse(found[0]) if found else []
             yield stores
             apply(config, stores)  # every proxy must accept what we write
