@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +32,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "fleet" / "run-local.sh"
 
 
+def _two_free_ports() -> int:
+    """A port P with P and P+1 both free (run-local.sh puts proxy k on BASE+k-1)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports")
+
+
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
 
@@ -41,20 +55,21 @@ async def test_local_fleet_survives_a_proxy_killed_mid_traffic() -> None:
     pg_bin()
     base = Path(tempfile.mkdtemp(prefix="xks-fleet-"))  # not under pytest's 0700 tmp: PostgreSQL runs as `postgres`
     base.chmod(0o711)
-    https_port, proxy_ports = free_port(), (free_port(), free_port())
+    https_port, base_port = free_port(), _two_free_ports()
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT),
         XKS_PROXY=f"{sys.executable} -m xks_proxy.cli",
         XKS_HTTPS_PORT=str(https_port),
-        XKS_BASE_PORT=str(proxy_ports[0]),
+        XKS_BASE_PORT=str(base_port),
         XKS_PG_PORT=str(free_port()),
     )
     env.pop("XKS_PROXY_HOME", None)
     fleet = base / "fleet"
     started = _run(str(SCRIPT), "start", str(fleet), "2", env=env)
     try:
-        assert started.returncode == 0, started.stdout + started.stderr
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(fleet.glob("*.log")))
+        assert started.returncode == 0, started.stdout + started.stderr + logs
         assert f"https://localhost:{https_port}/xks/kms/xks/v1" in started.stdout
         cli = [sys.executable, "-m", "xks_proxy.cli"]
         assert _run(*cli, "keys", "create", "foo", "--home", str(fleet / "home-1"), env=env).returncode == 0
