@@ -220,6 +220,9 @@ def _setup_logging(level: str) -> None:
     """The server log on stderr, written in batches (see xks_proxy/logsink.py)."""
     from xks_proxy.logsink import BatchHandler
 
+    # Records never show thread, process or caller: don't compute them per request.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]  # the stdlib's documented switch for findCaller
     handler = BatchHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
