@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS proxies (
     pid INTEGER NOT NULL,
     host TEXT NOT NULL,
     port INTEGER NOT NULL,
+    heartbeat_seconds DOUBLE PRECISION NOT NULL,
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_seen TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (proxy_id, pid)
@@ -327,6 +328,7 @@ class ProxyRow:
     pid: int
     host: str
     port: int
+    heartbeat_seconds: float
     started_at: float
     last_seen: float
     age_seconds: float
@@ -520,13 +522,14 @@ class PostgresStorage:
 
     # --- the fleet (beyond the vault interface)
 
-    def heartbeat(self, proxy_id: str, pid: int, host: str, port: int) -> None:
-        """This serving process is alive now (the database's clock: proxies' clocks may differ)."""
+    def heartbeat(self, proxy_id: str, pid: int, host: str, port: int, interval: float) -> None:
+        """This serving process is alive now, and says again in `interval` s (by the database's clock)."""
         with self._session() as conn:
             conn.execute(
-                "INSERT INTO proxies (proxy_id, pid, host, port) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (proxy_id, pid) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port, last_seen = now()",
-                (proxy_id, pid, host, port),
+                "INSERT INTO proxies (proxy_id, pid, host, port, heartbeat_seconds) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (proxy_id, pid) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port, "
+                "heartbeat_seconds = EXCLUDED.heartbeat_seconds, last_seen = now()",
+                (proxy_id, pid, host, port, interval),
             )
 
     def leave(self, proxy_id: str, pid: int) -> None:
@@ -539,10 +542,11 @@ class PostgresStorage:
         with self._session() as conn:
             conn.execute("DELETE FROM proxies WHERE last_seen < now() - make_interval(secs => %s)", (forget_after_seconds,))
             rows = conn.execute(
-                "SELECT proxy_id, pid, host, port, extract(epoch FROM started_at), extract(epoch FROM last_seen), "
-                "extract(epoch FROM now() - last_seen) FROM proxies ORDER BY started_at, proxy_id, pid"
+                "SELECT proxy_id, pid, host, port, heartbeat_seconds, extract(epoch FROM started_at), "
+                "extract(epoch FROM last_seen), extract(epoch FROM now() - last_seen) FROM proxies "
+                "ORDER BY started_at, proxy_id, pid"
             ).fetchall()
-        return [ProxyRow(r[0], r[1], r[2], r[3], float(r[4]), float(r[5]), float(r[6])) for r in rows]
+        return [ProxyRow(*r[:5], float(r[5]), float(r[6]), float(r[7])) for r in rows]
 
     def setting_revision(self, name: str) -> int:
         """The revision of a shared setting (0 if unset): one cheap query, for the watchers."""

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import re
+import signal
 import struct
 import time
 import tomllib
@@ -230,6 +231,7 @@ async def test_database_stopped_mid_traffic_then_started_again(
     """No request for a loaded key fails while PostgreSQL is down; a proxy started meanwhile waits; nothing is lost."""
     cluster, _, dsn = pg_database
     home_a = pg_home(tmp_path / "a", dsn)
+    patch_config(home_a.path, fleet={"heartbeat_seconds": 0.3})
     home_a.create_key("foo")
     home_b, home_c = copy_home(home_a, tmp_path / "b"), copy_home(home_a, tmp_path / "c")
     a, b = proxies(home_a), proxies(home_b)
@@ -286,6 +288,9 @@ async def test_database_stopped_mid_traffic_then_started_again(
     assert rc == 0, err
     disabled = time.monotonic()
     await propagated(lambda: _encrypt_refused(clients[0]), disabled)  # ...and reaches every proxy
+    await wait_for(lambda: _fleet_size_is(clients[0], 3), timeout=3)
+    b.stop(signal.SIGKILL)  # no goodbye: it drops out after 3 missed heartbeats
+    await wait_for(lambda: _fleet_size_is(clients[0], 2), timeout=3)
 
 
 async def _states_are(client: Client, states: list[str]) -> bool:

@@ -2,10 +2,11 @@
 
 Only with a shared vault (`[vault] dsn`). Every serving process (each worker of each proxy)
 upserts a row (proxy id, pid, host, port, last seen by the database's clock) every
-`fleet.heartbeat_seconds`, and deletes it on a clean stop. `xksProxyFleetSize` is the number of
-distinct proxy ids seen within the last 3 heartbeats. The same background loop watches the
-shared stores' revision every `vault.refresh_seconds` and swaps in a changed, valid set, so a
-store or credential changed from any machine serves on every proxy within 2 seconds.
+`fleet.heartbeat_seconds` (which it records), and deletes it on a clean stop.
+`xksProxyFleetSize` is the number of distinct proxy ids heard from within 3 of their own
+heartbeat intervals. The same background loop watches the shared stores' revision every
+`vault.refresh_seconds` and swaps in a changed, valid set, so a store or credential changed
+from any machine serves on every proxy within 2 seconds.
 
 Everything here runs in a background task with its database calls on a thread: no request
 waits on it. While the database is unreachable the last known fleet size and stores stay.
@@ -20,7 +21,7 @@ import socket
 import time
 from typing import Callable
 
-from keymanager.vault_postgres import PostgresStorage
+from keymanager.vault_postgres import PostgresStorage, ProxyRow
 from keymanager.vault_storage import StorageUnavailable
 from xks_proxy import shared_settings
 from xks_proxy.config import Config, ConfigError
@@ -31,9 +32,9 @@ log = logging.getLogger("xks_proxy.fleet")
 LIVE_HEARTBEATS = 3
 
 
-def live_proxy_ids(rows: list, heartbeat_seconds: float) -> set[str]:
-    """The proxy ids with a heartbeat within LIVE_HEARTBEATS heartbeats (rows from PostgresStorage.proxies)."""
-    return {row.proxy_id for row in rows if row.age_seconds <= LIVE_HEARTBEATS * heartbeat_seconds}
+def live(row: ProxyRow) -> bool:
+    """Heard from within LIVE_HEARTBEATS of its own heartbeat intervals."""
+    return row.age_seconds <= LIVE_HEARTBEATS * row.heartbeat_seconds
 
 
 class FleetMember:
@@ -88,8 +89,9 @@ class FleetMember:
             self._storage.close()
 
     async def _run(self) -> None:
+        tick = min(self._config.vault.refresh_seconds, self._config.fleet.heartbeat_seconds)
         while True:
-            await asyncio.sleep(self._config.vault.refresh_seconds)
+            await asyncio.sleep(tick)
             await self._round()
 
     async def _round(self) -> None:
@@ -117,8 +119,8 @@ class FleetMember:
         storage = self._storage
         heartbeat = self._config.fleet.heartbeat_seconds
         if time.monotonic() >= self._next_heartbeat:
-            storage.heartbeat(self.proxy_id, self._pid, self._host, self._config.server.port)
-            self._size = len(live_proxy_ids(storage.proxies(), heartbeat) | {self.proxy_id})
+            storage.heartbeat(self.proxy_id, self._pid, self._host, self._config.server.port, heartbeat)
+            self._size = len({row.proxy_id for row in storage.proxies() if live(row)} | {self.proxy_id})
             self._next_heartbeat = time.monotonic() + heartbeat
         revision = storage.setting_revision(shared_settings.STORES)
         if revision == self._revision:

@@ -172,7 +172,7 @@ def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
 def cmd_status(args: argparse.Namespace) -> int:
     from keymanager.vault_postgres import PostgresStorage
     from xks_proxy import shared_settings
-    from xks_proxy.fleet import LIVE_HEARTBEATS
+    from xks_proxy.fleet import live
 
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is None:
@@ -185,10 +185,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         revision = storage.setting_revision(shared_settings.STORES) if schema else 0
     finally:
         storage.close()
-    window = LIVE_HEARTBEATS * config.fleet.heartbeat_seconds
     proxies = [
         {"proxyId": r.proxy_id, "host": r.host, "port": r.port, "pid": r.pid, "lastSeenSecondsAgo": round(r.age_seconds, 1),
-         "live": r.age_seconds <= window}
+         "live": live(r)}
         for r in rows
     ]  # fmt: skip
     print(
