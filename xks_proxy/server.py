@@ -180,7 +180,7 @@ class XksServer:
         sigv4.verify(
             method=request.method,
             path=path,
-            query=request.rel_url.query.items(),
+            query=tuple(request.rel_url.query.items()),
             headers=headers,
             body=body,
             lookup_secret=store.secret_for,
