@@ -203,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"  TLS CA:             {home / 'tls' / 'ca.pem'}",
                 "Try:",
                 f"  curl {'--cacert ' + str(home / 'tls' / 'ca.pem') + ' ' if not args.http else ''}"
-                f"--aws-sigv4 aws:amz:us-east-1:kms-xks-proxy --user {akid}:$SECRET "
+                f"--aws-sigv4 aws:amz:us-east-1:kms-xks-proxy --user '{akid}:{secret}' "
                 "-H 'Content-Type: application/json' "
                 """-d '{"requestMetadata":{"kmsRequestId":"1","kmsOperation":"CreateKey","awsPrincipalArn":"me"}}' """
                 f"{scheme}://localhost:{port}/demo/kms/xks/v1/keys/foo/metadata",

@@ -30,8 +30,12 @@ class LineBatch:
         self._lines: list[str] = []
         self._interval = interval
         self._start()
-        # A forked worker inherits the list but not the thread: give it a thread of its own.
-        os.register_at_fork(after_in_child=self._start)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked worker inherits the pending lines (the parent writes those) but not the thread."""
+        self._lines = []
+        self._start()
 
     def _start(self) -> None:
         self._stop = threading.Event()
