@@ -182,7 +182,7 @@ def test_hsm_capabilities_choose_the_iv_mode(tmp_path: Path, can_generate: str, 
 def test_tls_limits_metadata_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     module = need_softhsm_module()
     (tmp_path / "tls").mkdir()
-    for name in ("server_cert.pem", "server_key.pem"):
+    for name in ("server_cert.pem", "server_key.pem", "ca.pem"):
         (tmp_path / "tls" / name).write_text("placeholder")
     text = aws_settings(module, "1234", [STORE_TWO]).replace(
         "is_tls_enabled = false\nis_mtls_enabled = false",
@@ -196,11 +196,12 @@ def test_tls_limits_metadata_and_warnings(tmp_path: Path, capsys: pytest.Capture
     code, home = _import(tmp_path, text)
     assert code == 0
     err = capsys.readouterr().err
-    assert "is_mtls_enabled = true was NOT carried over" in err and "cks.kms.us-east-1.amazonaws.com" in err
     assert "session_eager_close" in err
     cfg = configmod.load(home)
     assert cfg.server.tls_cert == (tmp_path / "tls" / "server_cert.pem").resolve()
     assert cfg.server.tls_key == (tmp_path / "tls" / "server_key.pem").resolve()
+    assert cfg.tls.client_ca == (tmp_path / "tls" / "ca.pem").resolve()  # mutual TLS carried over
+    assert cfg.tls.client_names == frozenset({"cks.kms.us-east-1.amazonaws.com"})
     assert (cfg.limits.max_plaintext_bytes, cfg.limits.max_aad_bytes) == (75000, 8192)
     assert cfg.pkcs11 is not None and cfg.pkcs11.ciphertext_metadata == b"key_version=1"
     assert cfg.stores[0].key_ids is None

@@ -116,12 +116,6 @@ def read_settings(path: Path, token_label: str | None = None) -> Imported:
         warnings.append(f"server.service is {service!r}; KMS signs for kms-xks-proxy, which xks-proxy always checks")
     if security.get("is_sigv4_auth_enabled", True) is False:
         warnings.append("security.is_sigv4_auth_enabled = false was not carried over: xks-proxy always verifies SigV4")
-    if security.get("is_mtls_enabled", False) is True:
-        tls = _section(raw, "tls")
-        warnings.append(
-            "security.is_mtls_enabled = true was NOT carried over: configure client-certificate checks "
-            f"(CA {tls.get('mtls_client_ca_pem')!r}, name {tls.get('mtls_client_dns_name')!r}) as docs/pkcs11.md describes"
-        )
     server_table, plain_http = _server(path.parent, raw, server, security)
     config: dict[str, Any] = {
         "server": server_table,
@@ -130,6 +124,8 @@ def read_settings(path: Path, token_label: str | None = None) -> Imported:
         "pkcs11": _pkcs11(raw, pkcs11, token_label, warnings),
         "master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"},
     }
+    if security.get("is_mtls_enabled", False) is True:
+        config["tls"] = _mtls(path.parent, _section(raw, "tls"))
     pin = pkcs11.get("user_pin")
     if not isinstance(pin, str) or not pin:
         raise ConfigError("pkcs11.user_pin: is required (it moves to an owner-only pin file)")
@@ -177,6 +173,14 @@ def _server(base: Path, raw: dict[str, Any], server: dict[str, Any], security: d
             raise ConfigError(f"tls.{theirs}: file {file} does not exist")
         table[ours] = str(file)
     return table, False
+
+
+def _mtls(base: Path, tls: dict[str, Any]) -> dict[str, Any]:
+    """The sample's client CA and the one client DNS name it allows become our [tls] section."""
+    ca = (base / _str(tls, "tls.mtls_client_ca_pem")).resolve()
+    if not ca.is_file():
+        raise ConfigError(f"tls.mtls_client_ca_pem: file {ca} does not exist")
+    return {"client_ca": str(ca), "client_names": [_str(tls, "tls.mtls_client_dns_name")]}
 
 
 def _limits(limits: dict[str, Any], warnings: list[str]) -> dict[str, int]:
