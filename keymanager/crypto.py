@@ -210,17 +210,11 @@ class WrappingKey:
         return cls(rsa.generate_private_key(public_exponent=65537, key_size=WRAPPING_KEY_SPECS[spec]))
 
     def seal(self, master: "MasterKey", context: str) -> bytes:
-        der = self._private.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return master.seal(der, context)
+        return _seal_private_key(master, self._private, context)
 
     @classmethod
     def unseal(cls, master: "MasterKey", sealed: bytes, context: str) -> "WrappingKey":
-        key = serialization.load_der_private_key(master.unseal(sealed, context), password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"sealed value for {context} is not an RSA key")
-        return cls(key)
+        return cls(_unseal_private_key(master, sealed, context, rsa.RSAPrivateKey))
 
     def public_der(self) -> bytes:
         """X.509 SubjectPublicKeyInfo, DER: the format of KMS's WrappingPublicKey."""
@@ -304,17 +298,11 @@ class TokenSigner:
         return cls(ec.generate_private_key(ec.SECP256R1()))
 
     def seal(self, master: "MasterKey", context: str) -> bytes:
-        der = self._private.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return master.seal(der, context)
+        return _seal_private_key(master, self._private, context)
 
     @classmethod
     def unseal(cls, master: "MasterKey", sealed: bytes, context: str) -> "TokenSigner":
-        key = serialization.load_der_private_key(master.unseal(sealed, context), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"sealed value for {context} is not an EC key")
-        return cls(key)
+        return cls(_unseal_private_key(master, sealed, context, ec.EllipticCurvePrivateKey))
 
     def sign(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self._private, algorithm="ES256", headers={"kid": self.key_id})
@@ -416,3 +404,16 @@ def open_backup(blob: bytes, *, master: "MasterKey | None" = None, passphrase: b
         return master.unseal(blob[head:], "xks-proxy backup " + header.hex())
     except ValueError:
         raise BackupError("backup does not open under this master key (another key, or the file was altered)") from None
+
+
+def _seal_private_key(master: "MasterKey", private: Any, context: str) -> bytes:
+    """A private key (wrapping key, token signer) at rest: PKCS#8 DER sealed like key material."""
+    der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return master.seal(der, context)
+
+
+def _unseal_private_key(master: "MasterKey", sealed: bytes, context: str, kind: type) -> Any:
+    key = serialization.load_der_private_key(master.unseal(sealed, context), password=None)
+    if not isinstance(key, kind):
+        raise ValueError(f"sealed value for {context} is not the expected kind of key")
+    return key

@@ -241,20 +241,17 @@ def rejected(w: Wire, match: str | None = None) -> None:
 # --------------------------------------------------------------------------- 1. sign() == botocore
 
 
+def our_sign(case: Case) -> dict[str, str]:
+    return sigv4.sign(
+        method=case.method, url_path=case.path, host=case.host, body=case.body, access_key_id=case.access_key_id,
+        secret=case.secret, region=case.region, now=case.now, extra_headers=case.extra,
+    )  # fmt: skip
+
+
 def test_sign_matches_botocore_authorization_header():
     assert len(CASES) >= 200
     for case in CASES:
-        ours = sigv4.sign(
-            method=case.method,
-            url_path=case.path,
-            host=case.host,
-            body=case.body,
-            access_key_id=case.access_key_id,
-            secret=case.secret,
-            region=case.region,
-            now=case.now,
-            extra_headers=case.extra,
-        )
+        ours = our_sign(case)
         theirs = boto_request(case)
         assert ours["X-Amz-Date"] == theirs.headers["X-Amz-Date"]
         assert ours["Authorization"] == theirs.headers["Authorization"], case.path
@@ -262,17 +259,7 @@ def test_sign_matches_botocore_authorization_header():
 
 def test_sign_output_is_accepted_by_verify():
     for case in CASES:
-        headers = sigv4.sign(
-            method=case.method,
-            url_path=case.path,
-            host=case.host,
-            body=case.body,
-            access_key_id=case.access_key_id,
-            secret=case.secret,
-            region=case.region,
-            now=case.now,
-            extra_headers=case.extra,
-        )
+        headers = our_sign(case)
         w = replace(wire(case), headers={k.lower(): [v] for k, v in headers.items()})
         assert w.verify().access_key_id == case.access_key_id
 
@@ -290,17 +277,7 @@ def test_sign_and_verify_agree_with_botocore_on_percent_encoded_and_sub_delim_pa
     ]:
         case = replace(base, path=path)
         theirs = boto_request(case)
-        ours = sigv4.sign(
-            method=case.method,
-            url_path=case.path,
-            host=case.host,
-            body=case.body,
-            access_key_id=case.access_key_id,
-            secret=case.secret,
-            region=case.region,
-            now=case.now,
-            extra_headers=case.extra,
-        )
+        ours = our_sign(case)
         assert ours["Authorization"] == theirs.headers["Authorization"], path
         wire(case, theirs).verify()
 
@@ -308,17 +285,7 @@ def test_sign_and_verify_agree_with_botocore_on_percent_encoded_and_sub_delim_pa
 def test_method_is_canonicalised_upper_case_like_botocore():
     case = replace(CASES[4], method="post")
     theirs = boto_request(case)
-    ours = sigv4.sign(
-        method=case.method,
-        url_path=case.path,
-        host=case.host,
-        body=case.body,
-        access_key_id=case.access_key_id,
-        secret=case.secret,
-        region=case.region,
-        now=case.now,
-        extra_headers=case.extra,
-    )
+    ours = our_sign(case)
     assert ours["Authorization"] == theirs.headers["Authorization"]
     wire(case, theirs).verify()
     rejected(replace(wire(case, theirs), method="PUT"), "signature")
