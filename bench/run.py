@@ -143,7 +143,7 @@ def softhsm_home(home: Path, workdir: Path) -> dict[str, str]:
     pin = "bench-pin-1234"
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "xks-bench", "--so-pin", "bench-so-1234",
                     "--pin", pin], check=True, capture_output=True, env=env)  # fmt: skip
-    from xks_proxy.home import new_access_key_id, new_secret
+    from xks_proxy.cli.home import new_access_key_id, new_secret
 
     settings = workdir / "aws-settings.toml"
     settings.write_text("\n".join([

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def create_key_manager(config: "Config") -> KeyManager:
     """The backend the configuration names. The server sees only the interface."""
     if config.backend == "vault":
-        from keymanager.vault import VaultKeyManager
+        from keymanager.vault.db import VaultKeyManager
 
         vault = config.vault
         return VaultKeyManager(
@@ -25,7 +25,7 @@ def create_key_manager(config: "Config") -> KeyManager:
             dsn=vault.dsn,
         )
     if config.backend == "pkcs11":
-        from keymanager.pkcs11 import Pkcs11KeyManager
+        from keymanager.pkcs11.manager import Pkcs11KeyManager
 
         assert config.pkcs11 is not None
         return Pkcs11KeyManager(config.pkcs11)
@@ -36,14 +36,14 @@ def create_key_admin(config: "Config") -> KeyAdmin:
     """The same backend, as the CLI administers it. Raises KeyAdminError if it cannot be reached
     (StorageUnavailable for a vault database that does not answer)."""
     if config.backend == "vault":
-        from keymanager.vault import VaultDB
+        from keymanager.vault.db import VaultDB
         from xks_proxy.config import ConfigError
 
         if config.vault.dsn is None and not config.vault.path.is_file():
             raise ConfigError(f"vault.path: file {config.vault.path} does not exist")
         return VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
     if config.backend == "pkcs11":
-        from keymanager.pkcs11_admin import Pkcs11Admin
+        from keymanager.pkcs11.admin import Pkcs11Admin
 
         assert config.pkcs11 is not None
         return Pkcs11Admin(config.pkcs11)

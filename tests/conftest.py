@@ -25,9 +25,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from keymanager import create_key_admin, create_key_manager
-from keymanager.vault import VaultDB, parse_usage
+from keymanager.vault.db import VaultDB, parse_usage
 from xks_proxy import config as configmod
-from xks_proxy.home import init_home, new_access_key_id, new_secret
+from xks_proxy.cli.home import init_home, new_access_key_id, new_secret
 from xks_proxy.server import XksServer
 
 STRICT = os.environ.get("XKS_TEST_STRICT") == "1"
@@ -98,7 +98,7 @@ class SoftHsm:
     @contextmanager
     def session(self, module: str | None = None) -> Iterator[Any]:
         """A read-write session on the token, through the same process-wide library as the proxy."""
-        from keymanager.pkcs11_token import Library
+        from keymanager.pkcs11.token import Library
 
         library = Library.get(module or self.module)
         session = library.session(library.token(self.label, None), self.pin, rw=True)
@@ -128,7 +128,7 @@ class SoftHsm:
 
 @pytest.fixture
 def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm]:
-    from keymanager.pkcs11_token import Library
+    from keymanager.pkcs11.token import Library
 
     util = need("softhsm2-util")
     module = need_softhsm_module()
@@ -184,7 +184,7 @@ def set_pkcs11(home: Path, **values: Any) -> None:
     """Change [pkcs11] settings in a home's config.toml, as an operator would."""
     import tomllib
 
-    from xks_proxy.home import write_config
+    from xks_proxy.cli.home import write_config
 
     raw = tomllib.loads((home / "config.toml").read_text())
     raw["pkcs11"].update(values)
@@ -244,7 +244,7 @@ class Home:
             if key_id not in self.materials or version != 1:
                 pytest.skip(f"the material of {key_id} v{version} never left the HSM")
             return self.materials[key_id]
-        from keymanager.vault import material_context
+        from keymanager.vault.db import material_context
 
         cfg = self.config
         db = sqlite3.connect(cfg.vault.path)  # straight from the sealed row, past every API

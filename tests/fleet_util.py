@@ -16,7 +16,7 @@ from typing import Any
 
 from tests.conftest import REGION, Home, run_cli_in_process
 from tests.lifecycle_util import cli_env, patch_config
-from xks_proxy.home import init_home
+from xks_proxy.cli.home import init_home
 
 #: Put in every test DSN: the trust-auth test cluster ignores it, so anything that prints a DSN shows it.
 DSN_PASSWORD = "pw-4e1f-never-printed"

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from keymanager import create_key_manager
 from tests.conftest import Client, Home
 from xks_proxy import config as configmod
-from xks_proxy.home import write_config
+from xks_proxy.cli.home import write_config
 from xks_proxy.server import XksServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ async def serving(home: Home, path: Path | None = None) -> AsyncIterator[Live]:
     app = XksServer(cfg, key_manager).app()
     admin = None
     if cfg.admin.enabled:
-        from xks_proxy import admin as adminmod
+        from xks_proxy.admin import api as adminmod
 
         admin = adminmod.attach(app, cfg, key_manager)
     server = TestServer(app, host="127.0.0.1")

@@ -478,7 +478,7 @@ async def test_credential_of_another_store_is_refused(tmp_path, home: Home) -> N
     from aiohttp.test_utils import TestServer
 
     from keymanager import create_key_manager
-    from xks_proxy.home import new_access_key_id, new_secret, sealed_credential, write_config
+    from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential, write_config
     from xks_proxy.server import XksServer
 
     raw = tomllib.loads((home.path / "config.toml").read_text())

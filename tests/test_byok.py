@@ -19,12 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
-from keymanager.vault import VaultDB, VaultError, parse_usage
+from keymanager.vault.db import VaultDB, VaultError, parse_usage
 from tests.conftest import REGION, Home, metadata, need, unb64
 from tests.lifecycle_util import ROOT, cli, cli_json, serving
 from xks_proxy import config as configmod
-from xks_proxy.home import init_home
-from xks_proxy.lifecycle import VaultLifecycle
+from xks_proxy.cli.home import init_home
+from xks_proxy.admin.lifecycle import VaultLifecycle
 
 pytestmark = pytest.mark.vault_only  # lifecycle lives in the vault; PKCS#11 keys live in the HSM
 

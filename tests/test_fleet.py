@@ -27,7 +27,7 @@ from tests.fleet_util import DSN_PASSWORD, Proxy, copy_home, free_port, pg_home
 from tests.lifecycle_util import acli, patch_config, wait_for
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 from xks_proxy import config as configmod
-from xks_proxy import shared_settings
+from xks_proxy.fleet import shared_settings
 
 HEALTH_META = {"kmsRequestId": "fleet-health", "kmsOperation": "KmsHealthCheck"}
 

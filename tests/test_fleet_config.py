@@ -11,7 +11,7 @@ from tests.conftest import REGION
 from tests.lifecycle_util import acli, cli, patch_config
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
-from xks_proxy.home import init_home
+from xks_proxy.cli.home import init_home
 
 PASSWORD = "pw-77c3-not-for-config"
 
@@ -27,7 +27,7 @@ def _fleet_home(home: Path, **vault: Any) -> None:
     """A fleet node's config.toml: the given [vault] settings, no [[stores]] (they live in the database)."""
     import tomllib
 
-    from xks_proxy.home import write_config
+    from xks_proxy.cli.home import write_config
 
     raw = tomllib.loads((home / "config.toml").read_text())
     raw.pop("stores")

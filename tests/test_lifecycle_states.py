@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keymanager.crypto import MasterKey
-from keymanager.vault import VaultDB, material_context
+from keymanager.vault.db import VaultDB, material_context
 from tests.conftest import Home, b64, metadata, unb64
 from tests.lifecycle_util import acli, cli, cli_json, serving, wait_for
 

@@ -435,7 +435,7 @@ async def test_token_store_taken_away_then_restored(hsm_home: Home, softhsm: Sof
 
 
 async def test_hsm_missing_at_start_then_arrives(hsm_home: Home, softhsm: SoftHsm) -> None:
-    from keymanager.pkcs11_token import Library
+    from keymanager.pkcs11.token import Library
 
     away = softhsm.tokens.with_name("tokens-away")
     softhsm.tokens.rename(away)
@@ -501,7 +501,7 @@ async def test_no_free_session_is_429(shim_home: Home, shim: Shim) -> None:
 
 
 async def test_wrong_pin_stops_start_and_is_never_shown(hsm_home: Home, caplog: pytest.LogCaptureFixture) -> None:
-    from keymanager.pkcs11_token import Library
+    from keymanager.pkcs11.token import Library
 
     (hsm_home.path / "pkcs11.pin").write_text("wrong-pin-0000\n")
     Library.finalize_all()  # as in a fresh server process: no login held yet
@@ -531,7 +531,7 @@ async def test_store_key_ids_narrow_what_a_store_sees(home: Home) -> None:
     home.create_key("other")
     raw = tomllib.loads((home.path / "config.toml").read_text())
     raw["stores"][0]["key_ids"] = ["foo"]
-    from xks_proxy.home import write_config
+    from xks_proxy.cli.home import write_config
 
     write_config(home.path, raw)
     async with serving(home) as client:
@@ -579,7 +579,7 @@ def test_pin_file_must_be_private_and_env_works(hsm_home: Home, monkeypatch: pyt
     raw = tomllib.loads((hsm_home.path / "config.toml").read_text())
     del raw["pkcs11"]["pin_file"]
     raw["pkcs11"]["pin_env"] = "XKS_TEST_PIN"
-    from xks_proxy.home import write_config
+    from xks_proxy.cli.home import write_config
 
     write_config(hsm_home.path, raw)
     with pytest.raises(configmod.ConfigError, match="XKS_TEST_PIN is not set"):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Home, metadata
 from tests.proxy import client_for, edit_config, running
-from xks_proxy.policy import IMPLICIT_KEY, IMPLICIT_STORE, compile_policy
+from xks_proxy.access.policy import IMPLICIT_KEY, IMPLICIT_STORE, compile_policy
 from xks_proxy.protocol import RequestMetadata
 
 # Policy is decided before any backend is called: run once, on the vault.

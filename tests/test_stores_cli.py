@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Client, Home
 from tests.proxy import cli, client_for, edit_config, eventually, running
-from xks_proxy.home import new_secret
+from xks_proxy.cli.home import new_secret
 
 # Stores and credentials live in config.toml whatever the backend: run once, on the vault.
 pytestmark = pytest.mark.vault_only

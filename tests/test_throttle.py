@@ -10,12 +10,12 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from keymanager.base import Encrypted
-from keymanager.vault import VaultDB, VaultKeyManager
+from keymanager.vault.db import VaultDB, VaultKeyManager
 import pytest
 
 from tests.conftest import Client, Home, b64, unb64
 from tests.proxy import client_for, edit_config, eventually, running
-from xks_proxy.home import new_access_key_id, new_secret, sealed_credential
+from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
 from xks_proxy.server import XksServer
 
 # Admission is decided before any backend is called; the in-flight test gates the vault: run once, on the vault.

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from keymanager.vault import INTERNAL_STORE, VaultDB
+from keymanager.vault.db import INTERNAL_STORE, VaultDB
 from xks_proxy import config as configmod
-from xks_proxy.home import init_home
+from xks_proxy.cli.home import init_home
 
 WRITER = r"""
 import sys
 from pathlib import Path
-from keymanager.vault import VaultDB, parse_usage
+from keymanager.vault.db import VaultDB, parse_usage
 from xks_proxy import config as configmod
 
 cfg = configmod.load(Path(sys.argv[1]))

@@ -18,15 +18,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from keymanager.crypto import DataKey, MasterKey
-from keymanager.vault import INTERNAL_STORE, Grant, VaultDB, VaultError, material_context, parse_usage
-from keymanager.vault_postgres import PostgresStorage
-from keymanager.vault_storage import StorageUnavailable
+from keymanager.vault.db import INTERNAL_STORE, Grant, VaultDB, VaultError, material_context, parse_usage
+from keymanager.vault.postgres import PostgresStorage
+from keymanager.vault.storage import StorageUnavailable
 from tests.conftest import REGION, Client, Home, metadata, unb64
 from tests.fleet_util import DSN_PASSWORD, dsn_with_password, pg_home, write_dsn_file
 from tests.lifecycle_util import acli, cli, serving, wait_for
 from tests.test_admin import Admin, _admin_config, _claims
 from xks_proxy import config as configmod
-from xks_proxy.home import init_home
+from xks_proxy.cli.home import init_home
 from tests.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 
 MASTER = MasterKey.from_text(MasterKey.generate_text())

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Client, Home
 from tests.proxy import WORKTREE, Pki, edit_config, eventually, scrape, value, wait_for_line
-from xks_proxy.throttle import Throttle
+from xks_proxy.access.throttle import Throttle
 
 # Process layout is the same whatever the backend: run once, on the vault.
 pytestmark = pytest.mark.vault_only

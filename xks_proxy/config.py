@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from keymanager.crypto import MasterKey
-from xks_proxy.policy import EMPTY_POLICY, Policy, PolicyError, compile_policy
+from xks_proxy.access.policy import EMPTY_POLICY, Policy, PolicyError, compile_policy
 
 DEFAULT_HOME = Path.home() / ".xks-proxy"
 CONFIG_FILE = "config.toml"
@@ -133,7 +133,7 @@ class VaultConfig:
 
     @property
     def dsn_display(self) -> str:
-        from keymanager.vault_postgres import display_dsn
+        from keymanager.vault.postgres import display_dsn
 
         return display_dsn(self.dsn) if self.dsn else str(self.path)
 
@@ -327,7 +327,7 @@ def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
         fleet=_fleet(_table(raw, "fleet"), vault),
     )
     if vault.dsn is not None and shared:
-        from xks_proxy import shared_settings
+        from xks_proxy.fleet import shared_settings
 
         config = shared_settings.load_into(config)
     return config
@@ -523,7 +523,7 @@ def _dsn(home: Path, table: dict[str, Any]) -> str | None:
             raise ConfigError(f"{where}: the environment variable {name} is not set")
     if not text.strip():
         raise ConfigError(f"{where}: is empty")
-    from keymanager.vault_postgres import check_dsn
+    from keymanager.vault.postgres import check_dsn
 
     try:
         params = check_dsn(text)

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from keymanager.base import KeyManager
 from keymanager.crypto import cdiv
-from xks_proxy import audit, protocol, sigv4
+from xks_proxy import protocol, sigv4
+from xks_proxy.access import audit
 from xks_proxy.config import KEY_ID_RE, Config, Store
 from xks_proxy.errors import (
     AccessDeniedException,
@@ -37,11 +38,11 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
-from xks_proxy.metrics import NoMetrics
-from xks_proxy.throttle import Throttle
+from xks_proxy.access.metrics import NoMetrics
+from xks_proxy.access.throttle import Throttle
 
 if TYPE_CHECKING:
-    from xks_proxy.fleet import FleetMember
+    from xks_proxy.fleet.member import FleetMember
 
 access_log = logging.getLogger("xks_proxy.access")
 log = logging.getLogger("xks_proxy.server")
@@ -84,7 +85,7 @@ class XksServer:
         #: With a shared vault: heartbeats, the fleet size, and the stores every proxy shares.
         self.fleet: FleetMember | None = None
         if config.vault.dsn is not None:
-            from xks_proxy import fleet
+            from xks_proxy.fleet import member as fleet
 
             self.fleet = fleet.FleetMember(config, lambda: self.config, self.apply_config)
         self._handlers: dict[str, Callable[[Store, str | None, dict[str, Any], Outcome], Awaitable[dict[str, Any]]]] = {

@@ -7,7 +7,7 @@ from typing import Any
 from pkcs11 import Attribute, KeyType
 
 from keymanager.base import KeyAdminError, KeyInfo, KeyUsage
-from keymanager.pkcs11_token import (
+from keymanager.pkcs11.token import (
     HsmError,
     Library,
     PKCS11Error,

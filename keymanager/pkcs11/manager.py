@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any, Callable, TypeVar
 
 from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
-from keymanager.pkcs11_token import (
+from keymanager.pkcs11.token import (
     HsmError,
     Library,
     LoginRefused,

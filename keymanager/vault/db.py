@@ -1,7 +1,7 @@
 """The local AES key vault: the default key manager, and the rules of a key's life.
 
-Storage is `keymanager.vault_storage` (one SQLite file, one transaction per change) or, for a
-fleet of proxies sharing their keys, `keymanager.vault_postgres` (one PostgreSQL database, the
+Storage is `keymanager.vault.storage` (one SQLite file, one transaction per change) or, for a
+fleet of proxies sharing their keys, `keymanager.vault.postgres` (one PostgreSQL database, the
 same tables and rules). Either holds key material only sealed under the master key, each blob
 bound to its (store, key id, version). A crash at any instant leaves every committed change
 readable and nothing half-written.
@@ -48,7 +48,7 @@ from keymanager.crypto import (
     UnwrapError,
     WrappingKey,
 )
-from keymanager.vault_storage import (
+from keymanager.vault.storage import (
     ImportParamsRow,
     KeyRow,
     SchemaError,
@@ -88,7 +88,7 @@ _SIGNER_SECRET = "import-token-signing-key"
 
 
 def audit(event: dict[str, Any]) -> None:
-    """One JSON line on the "xks_proxy.audit" logger (the audit sink of xks_proxy.audit reads it)."""
+    """One JSON line on the "xks_proxy.audit" logger (the audit sink of xks_proxy.access.audit reads it)."""
     audit_log.info(json.dumps({"time": iso_time(time.time()), **event}, sort_keys=True))
 
 
@@ -220,7 +220,7 @@ class VaultDB:
 
     `clock` exists so tests can act at another time in-process; nothing outside code can set it.
     `storage` defaults to the SQLite file at `path`; another implementation of the same methods
-    (`keymanager.vault_storage.VaultStorage`, e.g. PostgreSQL) can be passed instead. Raises
+    (`keymanager.vault.storage.VaultStorage`, e.g. PostgreSQL) can be passed instead. Raises
     StorageUnavailable when a networked storage cannot be reached.
     """
 
@@ -257,7 +257,7 @@ class VaultDB:
         """The vault a configuration names: the SQLite file at `path`, or the PostgreSQL database at `dsn`."""
         if dsn is None:
             return cls(path, master_key)
-        from keymanager.vault_postgres import PostgresStorage
+        from keymanager.vault.postgres import PostgresStorage
 
         return cls(path, master_key, storage=PostgresStorage(dsn))
 

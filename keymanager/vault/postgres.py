@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import psycopg
 from psycopg import conninfo
 
-from keymanager.vault_storage import (
+from keymanager.vault.storage import (
     DUMP_TABLES,
     ImportParamsRow,
     KeyRow,

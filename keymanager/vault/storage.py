@@ -1,7 +1,7 @@
 """Where the vault keeps its rows: every SQLite statement of the vault lives in this module.
 
 `SqliteStorage` is the embedded default (one file, WAL, synchronous=FULL, secure_delete).
-`keymanager.vault_postgres.PostgresStorage` (the shared vault of a fleet) provides the same
+`keymanager.vault.postgres.PostgresStorage` (the shared vault of a fleet) provides the same
 methods (`VaultStorage` below): `write()` and `read()` yield a transaction object with the row
 operations (`StorageTx`); `write()` is one atomic transaction, serialised against every other
 writer, that bumps the generation counter on commit (unless the caller clears `tx.bump`:
@@ -140,7 +140,7 @@ class ImportParamsRow:
 
 
 class StorageTx(Protocol):
-    """The row operations of one transaction (`SqliteTx`, `keymanager.vault_postgres.PostgresTx`)."""
+    """The row operations of one transaction (`SqliteTx`, `keymanager.vault.postgres.PostgresTx`)."""
 
     bump: bool
 
@@ -166,7 +166,7 @@ class StorageTx(Protocol):
 
 
 class VaultStorage(Protocol):
-    """Where a vault keeps its rows: `SqliteStorage` or `keymanager.vault_postgres.PostgresStorage`."""
+    """Where a vault keeps its rows: `SqliteStorage` or `keymanager.vault.postgres.PostgresStorage`."""
 
     #: How logs and errors name it (a file path; a DSN without its password).
     display: str

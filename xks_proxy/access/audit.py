@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from xks_proxy.config import AuditConfig, ConfigError
-from xks_proxy.logsink import LineBatch, RotatingFile
+from xks_proxy.process.logsink import LineBatch, RotatingFile
 
 logger = logging.getLogger("xks_proxy.audit")
 logger.propagate = False

@@ -29,7 +29,7 @@ from aiohttp import web
 from cryptography import x509
 
 from xks_proxy.config import Config
-from xks_proxy.metrics import NoMetrics
+from xks_proxy.access.metrics import NoMetrics
 
 log = logging.getLogger("xks_proxy.tls")
 

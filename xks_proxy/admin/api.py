@@ -39,8 +39,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keymanager.base import KeyManager
-from keymanager.vault import BadRequest, NoSuchKey, VaultDB, VaultError, audit
-from keymanager.vault_storage import StorageUnavailable
+from keymanager.vault.db import BadRequest, NoSuchKey, VaultDB, VaultError, audit
+from keymanager.vault.storage import StorageUnavailable
 from xks_proxy.config import AdminConfig, AdminJwtConfig, Config, ConfigError
 from xks_proxy.errors import (
     AccessDeniedException,
@@ -54,7 +54,7 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
-from xks_proxy.lifecycle import VaultLifecycle
+from xks_proxy.admin.lifecycle import VaultLifecycle
 
 log = logging.getLogger("xks_proxy.admin")
 
@@ -183,7 +183,7 @@ class AdminApi:
             doc = await self._body(request) if request.method == "POST" else {}
             try:
                 if self._config.vault.dsn is not None:  # a fleet's stores change in its database
-                    from xks_proxy import shared_settings
+                    from xks_proxy.fleet import shared_settings
 
                     self._config = await asyncio.to_thread(shared_settings.load_into, self._config)
                 store = self._store(doc.get("store") if request.method == "POST" else request.query.get("store"))

@@ -1,7 +1,7 @@
 """Key lifecycle operations as JSON documents: one code path for the CLI and the admin API.
 
-`VaultLifecycle` wraps `keymanager.vault.VaultDB` for one store and one actor, and writes an
-audit event for every operation, allowed or refused. `xks_proxy.admin_client.AdminClient`
+`VaultLifecycle` wraps `keymanager.vault.db.VaultDB` for one store and one actor, and writes an
+audit event for every operation, allowed or refused. `xks_proxy.admin.client.AdminClient`
 offers the same methods over the admin API, so a CLI command does not care which it holds.
 """
 
@@ -11,7 +11,7 @@ import base64
 from typing import Any, Callable, Protocol
 
 from keymanager.base import KeyAdmin
-from keymanager.vault import BadRequest, VaultDB, VaultError, audit, iso_time, parse_usage
+from keymanager.vault.db import BadRequest, VaultDB, VaultError, audit, iso_time, parse_usage
 from xks_proxy.config import KEY_ID_RE, Store
 
 

@@ -26,7 +26,7 @@ from xks_proxy.config import ConfigError
 from xks_proxy.errors import XksError
 
 if TYPE_CHECKING:
-    from xks_proxy.lifecycle import KeyLifecycle
+    from xks_proxy.admin.lifecycle import KeyLifecycle
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -148,7 +148,7 @@ def _load(args: argparse.Namespace) -> configmod.Config:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from xks_proxy.home import init_home
+    from xks_proxy.cli.home import init_home
 
     home = configmod.home_dir(args.home)
     akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port)
@@ -163,26 +163,26 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xks_proxy.runner import serve
+    from xks_proxy.process.runner import serve
 
     _setup_logging(args.log_level)
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is not None:
-        from xks_proxy.fleet import wait_for_stores
+        from xks_proxy.fleet.member import wait_for_stores
 
         config = wait_for_stores(config)
     return serve(config, host=args.host, port=args.port, plain_http=args.http, workers=args.workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xks_proxy.home import init_home
-    from xks_proxy.runner import serve
+    from xks_proxy.cli.home import init_home
+    from xks_proxy.process.runner import serve
 
     home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="xks-demo-"))
     port = args.port or 8443
     akid, secret = init_home(home, "demo", "us-east-1", port)
     config = configmod.load(home)
-    from keymanager.vault import parse_usage
+    from keymanager.vault.db import parse_usage
 
     db = _vault(config)
     try:
@@ -218,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _setup_logging(level: str) -> None:
     """The server log on stderr, written in batches (see xks_proxy/logsink.py)."""
-    from xks_proxy.logsink import BatchHandler
+    from xks_proxy.process.logsink import BatchHandler
 
     # Records never show thread, process or caller: don't compute them per request.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
@@ -251,7 +251,7 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
     """Run a lifecycle action on the local vault or through --admin-url; refusals are one-line errors."""
 
     def run(args: argparse.Namespace) -> int:
-        from xks_proxy.admin_client import AdminError
+        from xks_proxy.admin.client import AdminError
 
         try:
             with _lifecycle(args) as keys:
@@ -268,10 +268,10 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
 @contextmanager
 def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
     """The admin API client (--admin-url), or the local vault after destroying keys that are due."""
-    from xks_proxy.lifecycle import VaultLifecycle
+    from xks_proxy.admin.lifecycle import VaultLifecycle
 
     if args.admin_url:
-        from xks_proxy.admin_client import AdminClient
+        from xks_proxy.admin.client import AdminClient
 
         if not args.admin_token_file:
             raise CommandError("--admin-url needs --admin-token-file")
@@ -286,11 +286,11 @@ def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
     key_id = getattr(args, "key_id", None)
     if key_id is not None and not store.allows(key_id):
         raise CommandError(f"key id {key_id} is not in the key_ids of store {store.prefix!r} (config.toml)")
-    from xks_proxy import audit
+    from xks_proxy.access import audit
 
     audit.append_only(config.audit)  # lifecycle actions are audited, from the CLI too
     if config.backend != "vault":
-        from xks_proxy.lifecycle import KeyAdminLifecycle
+        from xks_proxy.admin.lifecycle import KeyAdminLifecycle
 
         admin = _key_admin(config)
         try:
@@ -378,25 +378,25 @@ def _conformance(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _stores_and_credentials(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from xks_proxy import stores_cli
+    from xks_proxy.cli import stores as stores_cli
 
     stores_cli.register(sub, common)
 
 
 def _import_config(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from xks_proxy import import_config
+    from xks_proxy.cli import import_config
 
     import_config.register(sub, common)
 
 
 def _vault_backup(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from xks_proxy import backup
+    from xks_proxy.cli import vault as backup
 
     backup.register(sub, common)
 
 
 def _fleet(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from xks_proxy import fleet_cli
+    from xks_proxy.cli import fleet as fleet_cli
 
     fleet_cli.register(sub, common)
 

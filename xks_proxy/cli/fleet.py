@@ -32,7 +32,7 @@ from xks_proxy import config as configmod
 from xks_proxy.config import Config, ConfigError
 
 if TYPE_CHECKING:  # imported where used: every other CLI command does without them
-    from keymanager.vault import VaultDB
+    from keymanager.vault.db import VaultDB
 
 
 class FleetError(Exception):
@@ -95,7 +95,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("vault.dsn: no database named; give --dsn-file or --dsn-env (or set vault.dsn_file in config.toml)")
     if local_stores is not None:
         configmod.with_stores(config, local_stores)  # valid before anything is written
-    from keymanager.vault import VaultDB
+    from keymanager.vault.db import VaultDB
 
     db = VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
     try:
@@ -103,7 +103,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     finally:
         db.close()
     stores = _put_stores(config, local_stores)
-    from xks_proxy.home import write_config
+    from xks_proxy.cli.home import write_config
 
     write_config(home, new_raw)
     print(
@@ -122,7 +122,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _copy_local_vault(config: Config, db: "VaultDB") -> int:
     """The local vault's keys into the (empty) database; nothing if they are there already."""
-    from keymanager.vault import VaultDB
+    from keymanager.vault.db import VaultDB
 
     if not config.vault.path.is_file():
         return 0
@@ -145,7 +145,7 @@ def _copy_local_vault(config: Config, db: "VaultDB") -> int:
 
 
 def _key_names(db: "VaultDB") -> set[tuple[str, str]]:
-    from keymanager.vault import INTERNAL_STORE
+    from keymanager.vault.db import INTERNAL_STORE
 
     _, keys = db.load()
     return {name for name in keys if name[0] != INTERNAL_STORE}
@@ -153,7 +153,7 @@ def _key_names(db: "VaultDB") -> set[tuple[str, str]]:
 
 def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
     """config.toml's stores into the database, unless it has them (the same, or others: refused)."""
-    from xks_proxy import shared_settings
+    from xks_proxy.fleet import shared_settings
 
     with shared_settings.editing(config, _actor()) as shared:
         if not shared and not local:
@@ -170,9 +170,9 @@ def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from keymanager.vault_postgres import PostgresStorage
-    from xks_proxy import shared_settings
-    from xks_proxy.fleet import live
+    from keymanager.vault.postgres import PostgresStorage
+    from xks_proxy.fleet import shared_settings
+    from xks_proxy.fleet.member import live
 
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is None:
@@ -239,8 +239,8 @@ def _fleet_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_get_stores(args: argparse.Namespace) -> int:
-    from keymanager.vault_postgres import PostgresStorage
-    from xks_proxy import shared_settings
+    from keymanager.vault.postgres import PostgresStorage
+    from xks_proxy.fleet import shared_settings
 
     config = _fleet_config(args)
     storage = PostgresStorage(config.vault.dsn or "")
@@ -258,7 +258,7 @@ def cmd_get_stores(args: argparse.Namespace) -> int:
 
 
 def cmd_put_stores(args: argparse.Namespace) -> int:
-    from xks_proxy import shared_settings
+    from xks_proxy.fleet import shared_settings
 
     config = _fleet_config(args)
     try:

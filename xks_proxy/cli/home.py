@@ -17,7 +17,7 @@ from typing import Any
 import tomli_w
 
 from keymanager.crypto import MasterKey
-from keymanager.vault import VaultDB
+from keymanager.vault.db import VaultDB
 from xks_proxy.config import CONFIG_FILE, ConfigError, credential_context, validate_prefix
 from xks_proxy.devtls import make_dev_certs
 

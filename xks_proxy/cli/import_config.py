@@ -297,7 +297,7 @@ def _pkcs11_config(imported: Imported) -> Pkcs11Config:
 def _verify(imported: Imported) -> tuple[str, list[str]]:
     """Log in, pin the token by label, make sure the health key exists, look up the stores' keys."""
     from keymanager.base import KeyAdminError
-    from keymanager.pkcs11_admin import Pkcs11Admin
+    from keymanager.pkcs11.admin import Pkcs11Admin
 
     try:
         admin = Pkcs11Admin(_pkcs11_config(imported))
@@ -322,7 +322,7 @@ def _verify(imported: Imported) -> tuple[str, list[str]]:
 
 
 def _write_home(home: Path, imported: Imported) -> None:
-    from xks_proxy.home import sealed_credential, write_config
+    from xks_proxy.cli.home import sealed_credential, write_config
 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     master_text = MasterKey.generate_text()

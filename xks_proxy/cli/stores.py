@@ -27,10 +27,10 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from xks_proxy import audit
+from xks_proxy.access import audit
 from xks_proxy import config as configmod
 from xks_proxy.config import ACCESS_KEY_RE, REGION_RE, SECRET_RE, Config, validate_prefix
-from xks_proxy.home import new_access_key_id, new_secret, sealed_credential, write_config
+from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential, write_config
 
 EXIT_REFUSED = 1
 
@@ -111,7 +111,7 @@ def _editing(args: argparse.Namespace) -> Iterator[tuple[Config, dict[str, Any]]
 @contextmanager
 def _editing_shared(local: Config) -> Iterator[tuple[Config, dict[str, Any]]]:
     """A fleet's stores are in its vault database: the same edit, written there in one transaction."""
-    from xks_proxy import shared_settings
+    from xks_proxy.fleet import shared_settings
 
     with shared_settings.editing(local, _actor()) as stores:
         raw = {**copy.deepcopy(local.raw), "stores": copy.deepcopy(stores)}

@@ -80,7 +80,7 @@ def _passphrase(path: str | None) -> bytes | None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from keymanager.vault import VaultDB, VaultError
+    from keymanager.vault.db import VaultDB, VaultError
 
     config = configmod.load(configmod.home_dir(args.home))
     out = Path(args.file)
@@ -135,7 +135,7 @@ def _config_for_backup(config: configmod.Config) -> bytes:
 
     import tomli_w
 
-    from xks_proxy import shared_settings
+    from xks_proxy.fleet import shared_settings
 
     raw = tomllib.loads(text.decode())
     for name in ("dsn", "dsn_file", "dsn_env"):
@@ -234,9 +234,9 @@ def _files(payload: bytes) -> dict[str, bytes]:
 def _restore_into(home: Path, files: dict[str, bytes], master_text: str | None, cancel_deletions: bool) -> dict[str, Any]:
     import tomllib
 
-    from keymanager.vault import PENDING_DELETION, VaultDB, VaultError, iso_time
-    from xks_proxy.home import write_config
-    from xks_proxy.lifecycle import VaultLifecycle
+    from keymanager.vault.db import PENDING_DELETION, VaultDB, VaultError, iso_time
+    from xks_proxy.cli.home import write_config
+    from xks_proxy.admin.lifecycle import VaultLifecycle
 
     for name, data in files.items():
         if name == CONFIG_FILE:

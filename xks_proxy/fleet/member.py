@@ -21,9 +21,9 @@ import socket
 import time
 from typing import Callable
 
-from keymanager.vault_postgres import PostgresStorage, ProxyRow
-from keymanager.vault_storage import StorageUnavailable
-from xks_proxy import shared_settings
+from keymanager.vault.postgres import PostgresStorage, ProxyRow
+from keymanager.vault.storage import StorageUnavailable
+from xks_proxy.fleet import shared_settings
 from xks_proxy.config import Config, ConfigError
 
 log = logging.getLogger("xks_proxy.fleet")

@@ -3,7 +3,7 @@
 With `[vault] dsn` the `[[stores]]` tables (prefix, regions, credentials with their secrets
 sealed under the master key exactly as in config.toml, key_ids) are one TOML document in the
 database's `settings` table, so every proxy of the fleet serves the same stores and
-credentials. Each proxy takes a change up within `vault.refresh_seconds` (`xks_proxy.fleet`),
+credentials. Each proxy takes a change up within `vault.refresh_seconds` (`xks_proxy.fleet.member`),
 validating it exactly as config.toml is validated; an invalid document is refused with one log
 line and the previous stores keep serving. Writers validate before they write, inside the
 vault's writer lock, so two edits from two machines never lose each other.
@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import tomli_w
 
-from keymanager.vault_postgres import PostgresStorage
+from keymanager.vault.postgres import PostgresStorage
 from xks_proxy.config import Config, ConfigError, with_stores
 
 STORES = "stores"

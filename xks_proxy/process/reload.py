@@ -16,11 +16,11 @@ import logging
 import os
 from typing import Any, Callable
 
-from keymanager.vault_storage import StorageUnavailable
+from keymanager.vault.storage import StorageUnavailable
 from xks_proxy import config as configmod
 from xks_proxy.config import Config, ConfigError
-from xks_proxy.metrics import NoMetrics
-from xks_proxy.mtls import TlsError, TlsManager
+from xks_proxy.access.metrics import NoMetrics
+from xks_proxy.access.mtls import TlsError, TlsManager
 
 log = logging.getLogger("xks_proxy.reload")
 

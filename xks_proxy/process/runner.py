@@ -30,13 +30,13 @@ from dataclasses import dataclass, field, replace
 from aiohttp import web
 
 from keymanager import create_key_manager
-from xks_proxy import audit
-from xks_proxy.audit import AuditLog
+from xks_proxy.access import audit
+from xks_proxy.access.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
-from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
-from xks_proxy.mtls import TlsError, TlsManager, TlsSite
-from xks_proxy.reload import Reloader
+from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
+from xks_proxy.access.mtls import TlsError, TlsManager, TlsSite
+from xks_proxy.process.reload import Reloader
 from xks_proxy.server import XksServer
 
 log = logging.getLogger("xks_proxy")
@@ -110,7 +110,7 @@ async def start(
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
     app = server.app()
     if config.admin.enabled and (shared is None or shared.admin):
-        from xks_proxy import admin as admin_api
+        from xks_proxy.admin import api as admin_api
 
         admin_api.attach(app, config, key_manager)
     try:
@@ -224,7 +224,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
             if slot < 0:
-                from xks_proxy import sidecar
+                from xks_proxy.process import sidecar
 
                 sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
             else:

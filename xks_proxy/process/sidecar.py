@@ -19,10 +19,10 @@ import socket
 
 from aiohttp import web
 
-from xks_proxy import audit
+from xks_proxy.access import audit
 from xks_proxy.config import Config
-from xks_proxy.metrics import exposition_app, multiprocess_registry
-from xks_proxy.mtls import TlsFiles, expiry_of_files
+from xks_proxy.access.metrics import exposition_app, multiprocess_registry
+from xks_proxy.access.mtls import TlsFiles, expiry_of_files
 
 log = logging.getLogger("xks_proxy.sidecar")
 _MAX_RECORD = 1 << 17
