@@ -24,7 +24,7 @@ from tests.conftest import REGION, Home, metadata, need, unb64
 from tests.lifecycle_util import ROOT, cli, cli_json, serving
 from xks_proxy import config as configmod
 from xks_proxy.cli.home import init_home
-from xks_proxy.admin.lifecycle import VaultLifecycle
+from keymanager.vault.lifecycle import VaultLifecycle
 
 pytestmark = pytest.mark.vault_only  # lifecycle lives in the vault; PKCS#11 keys live in the HSM
 

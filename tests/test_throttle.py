@@ -10,7 +10,8 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from keymanager.base import Encrypted
-from keymanager.vault.db import VaultDB, VaultKeyManager
+from keymanager.vault.db import VaultDB
+from keymanager.vault.manager import VaultKeyManager
 import pytest
 
 from tests.conftest import Client, Home, b64, unb64

@@ -18,7 +18,7 @@ from collections import Counter
 
 from aiohttp import ClientSession
 
-from keymanager.vault.db import VaultKeyManager
+from keymanager.vault.manager import VaultKeyManager
 from tests.conftest import Client, Home, unb64
 from tests.lifecycle_util import acli, cli_env, cli_json, patch_config, serving, wait_for
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from keymanager.base import KeyAdminError
+from keymanager.base import StorageUnavailable  # noqa: F401  (re-exported: the vault modules raise it)
 
 SCHEMA_VERSION = 2
 
@@ -92,14 +92,6 @@ CREATE TABLE vault_secrets (name TEXT PRIMARY KEY, sealed BLOB NOT NULL, created
 
 class SchemaError(Exception):
     """The file is a vault this version cannot use (made by a newer release, or not a vault)."""
-
-
-class StorageUnavailable(KeyAdminError):
-    """The vault's database cannot be reached (or is too busy) now: nothing was changed; retry later.
-
-    Raised by a networked storage (PostgreSQL); its message names the database without any
-    password and says why, in one line.
-    """
 
 
 @dataclass(frozen=True, slots=True)

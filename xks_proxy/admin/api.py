@@ -38,9 +38,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keymanager.base import KeyManager
-from keymanager.vault.db import BadRequest, NoSuchKey, VaultDB, VaultError, audit
-from keymanager.vault.storage import StorageUnavailable
+from keymanager.base import BadRequest, KeyAdmin, KeyLifecycle, KeyManager, KeyRefused, NoSuchKey, StorageUnavailable, audit
+from keymanager.registry import backend
 from xks_proxy.config import AdminConfig, AdminJwtConfig, Config, ConfigError
 from xks_proxy.errors import (
     AccessDeniedException,
@@ -54,7 +53,6 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
-from xks_proxy.admin.lifecycle import VaultLifecycle
 
 log = logging.getLogger("xks_proxy.admin")
 
@@ -133,7 +131,7 @@ class TokenVerifier:
         raise AuthenticationFailedException("the token's signature does not verify with any configured key")
 
 
-def _vault_error(exc: VaultError) -> XksError:
+def _vault_error(exc: KeyRefused) -> XksError:
     if isinstance(exc, NoSuchKey):
         return KeyNotFoundException(str(exc))
     if isinstance(exc, BadRequest):
@@ -149,7 +147,7 @@ class AdminApi:
         self._config = config
         self._key_manager = key_manager
         self._verifier = TokenVerifier(config.admin.jwt)
-        self._db: VaultDB | None = None
+        self._db: KeyAdmin | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -162,10 +160,9 @@ class AdminApi:
         except StorageUnavailable as exc:  # a fleet's database: opened on the first request instead
             log.error("admin API: %s; it answers DependencyTimeoutException until the database is back", exc)
 
-    async def _vault(self) -> VaultDB:
+    async def _vault(self) -> KeyAdmin:
         if self._db is None:
-            vault = self._config.vault
-            self._db = await asyncio.to_thread(VaultDB.open, vault.path, self._config.master_key, vault.dsn)
+            self._db = await asyncio.to_thread(backend(self._config.backend).key_admin, self._config)
         return self._db
 
     async def close(self) -> None:
@@ -187,7 +184,7 @@ class AdminApi:
 
                     self._config = await asyncio.to_thread(shared_settings.load_into, self._config)
                 store = self._store(doc.get("store") if request.method == "POST" else request.query.get("store"))
-                keys = VaultLifecycle(await self._vault(), store, principal.subject, "admin-api")
+                keys = self._lifecycle(await self._vault(), store, principal.subject)
                 result = await asyncio.to_thread(self._operation(action, key_id, doc, keys))
             except StorageUnavailable as exc:
                 log.error("admin API %s: %s", action, exc)
@@ -195,7 +192,7 @@ class AdminApi:
             if action == "versions":
                 self._add_live_counts(store, key_id, result)
             return web.json_response(result, dumps=_dumps)
-        except VaultError as exc:
+        except KeyRefused as exc:
             return _error(_vault_error(exc))  # audited by the lifecycle layer
         except XksError as exc:
             audit(
@@ -214,6 +211,12 @@ class AdminApi:
         except Exception:
             log.exception("admin API failure in %s", action)
             return _error(InternalException("internal error; see the proxy log"))
+
+    def _lifecycle(self, admin: KeyAdmin, store: str, actor: str) -> KeyLifecycle:
+        """The backend's audited lifecycle (config validation allows the admin API only on a backend that has one)."""
+        make = backend(self._config.backend).lifecycle
+        assert make is not None
+        return make(admin, store, actor, "admin-api")
 
     @staticmethod
     def _route(request: web.Request) -> tuple[str, str | None]:
@@ -259,7 +262,7 @@ class AdminApi:
             raise ValidationException(str(exc).replace("--store", "store")) from None
 
     @staticmethod
-    def _operation(action: str, key_id: str | None, doc: dict[str, Any], keys: VaultLifecycle) -> Callable[[], Any]:
+    def _operation(action: str, key_id: str | None, doc: dict[str, Any], keys: KeyLifecycle) -> Callable[[], Any]:
         """The lifecycle call for this action, with the body's fields checked for type."""
         if action == "list":
             return lambda: {"keys": keys.list()}

@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     port = args.port or 8443
     akid, secret = init_home(home, "demo", "us-east-1", port)
     config = configmod.load(home)
-    from keymanager.vault.db import parse_usage
+    from keymanager.base import parse_usage
 
     db = _vault(config)
     try:
@@ -231,7 +231,7 @@ def _setup_logging(level: str) -> None:
 # --- keys ----------------------------------------------------------------------------------------
 
 
-def _vault(config: configmod.Config):  # -> keymanager.vault.VaultDB
+def _vault(config: configmod.Config):  # -> the vault's KeyAdmin
     if config.backend != "vault":
         raise CommandError(f"this command needs the vault backend, not {config.backend!r}")
     return _key_admin(config)
@@ -268,7 +268,7 @@ def _key_command(action: Callable[..., object]) -> Callable[[argparse.Namespace]
 @contextmanager
 def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
     """The admin API client (--admin-url), or the local vault after destroying keys that are due."""
-    from xks_proxy.admin.lifecycle import VaultLifecycle
+    from keymanager.registry import backend
 
     if args.admin_url:
         from xks_proxy.admin.client import AdminClient
@@ -289,7 +289,8 @@ def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
     from xks_proxy.access import audit
 
     audit.append_only(config.audit)  # lifecycle actions are audited, from the CLI too
-    if config.backend != "vault":
+    full_lifecycle = backend(config.backend).lifecycle  # the vault's; its KeyAdmin also sweeps due deletions
+    if full_lifecycle is None:
         from xks_proxy.admin.lifecycle import KeyAdminLifecycle
 
         admin = _key_admin(config)
@@ -303,7 +304,7 @@ def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
         actor = _cli_actor()
         for info in db.sweep(actor=actor):
             print(f"xks-proxy: destroyed key {info.key_id} in store {info.store!r}: its deletion date passed", file=sys.stderr)
-        yield VaultLifecycle(db, store.prefix, actor, "cli")
+        yield full_lifecycle(db, store.prefix, actor, "cli")
     finally:
         db.close()
 

@@ -7,7 +7,7 @@ since, so no edit is lost.
 
 `fleet init` turns a single-box home into the first member of a fleet, in an order that loses
 nothing if it stops half-way (every step can be run again):
-  1. the vault schema and health key in the database (`VaultDB` creates them);
+  1. the vault schema and health key in the database (the backend's fleet capability creates them);
   2. the home's local vault keys copied into the database, in one transaction, when it has none
      (sealed blobs as they are: every proxy of the fleet must use the same master key);
   3. config.toml's `[[stores]]` (sealed credentials as they are) put into the database;
@@ -26,13 +26,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from xks_proxy import config as configmod
 from xks_proxy.config import Config, ConfigError
-
-if TYPE_CHECKING:  # imported where used: every other CLI command does without them
-    from keymanager.vault.db import VaultDB
 
 
 class FleetError(Exception):
@@ -95,13 +92,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("vault.dsn: no database named; give --dsn-file or --dsn-env (or set vault.dsn_file in config.toml)")
     if local_stores is not None:
         configmod.with_stores(config, local_stores)  # valid before anything is written
-    from keymanager.vault.db import VaultDB
+    from keymanager.base import KeyRefused
+    from keymanager.registry import backend
 
-    db = VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
+    fleet = backend(config.backend).fleet
+    assert fleet is not None  # config validation allows vault.dsn only on a backend with a fleet mode
     try:
-        copied = 0 if args.skip_local_vault else _copy_local_vault(config, db)
-    finally:
-        db.close()
+        copied = fleet.move_into(config, copy_local=not args.skip_local_vault)
+    except KeyRefused as exc:
+        raise FleetError(str(exc)) from None
     stores = _put_stores(config, local_stores)
     from xks_proxy.cli.home import write_config
 
@@ -118,37 +117,6 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def _copy_local_vault(config: Config, db: "VaultDB") -> int:
-    """The local vault's keys into the (empty) database; nothing if they are there already."""
-    from keymanager.vault.db import VaultDB
-
-    if not config.vault.path.is_file():
-        return 0
-    local = VaultDB(config.vault.path, config.master_key)
-    try:
-        mine = _key_names(local)
-        if not mine:
-            return 0
-        theirs = _key_names(db)
-        if mine <= theirs:
-            return 0  # a second run: copied before
-        if theirs:
-            raise FleetError(
-                f"the database already holds {len(theirs)} other key(s); the {len(mine)} key(s) of {config.vault.path} "
-                "are copied only into an empty one (--skip-local-vault leaves them out)"
-            )
-        return db.copy_keys_from(local)
-    finally:
-        local.close()
-
-
-def _key_names(db: "VaultDB") -> set[tuple[str, str]]:
-    from keymanager.vault.db import INTERNAL_STORE
-
-    _, keys = db.load()
-    return {name for name in keys if name[0] != INTERNAL_STORE}
 
 
 def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
@@ -170,14 +138,13 @@ def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from keymanager.vault.postgres import PostgresStorage
     from xks_proxy.fleet import shared_settings
     from xks_proxy.fleet.member import live
 
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is None:
         raise ConfigError("vault.dsn: this home's vault is a local file, not a fleet's shared database")
-    storage = PostgresStorage(config.vault.dsn)
+    storage = shared_settings.open_storage(config)
     try:
         schema = storage.schema_version()
         rows = storage.proxies() if schema else []
@@ -239,11 +206,10 @@ def _fleet_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_get_stores(args: argparse.Namespace) -> int:
-    from keymanager.vault.postgres import PostgresStorage
     from xks_proxy.fleet import shared_settings
 
     config = _fleet_config(args)
-    storage = PostgresStorage(config.vault.dsn or "")
+    storage = shared_settings.open_storage(config)
     try:
         found = shared_settings.read(storage)
     finally:

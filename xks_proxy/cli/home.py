@@ -17,7 +17,7 @@ from typing import Any
 import tomli_w
 
 from keymanager.crypto import MasterKey
-from keymanager.vault.db import VaultDB
+from keymanager.registry import backend
 from xks_proxy.config import CONFIG_FILE, ConfigError, credential_context, validate_prefix
 from xks_proxy.devtls import make_dev_certs
 
@@ -53,7 +53,9 @@ def init_home(home: Path, prefix: str, region: str, port: int) -> tuple[str, str
     (home / "master.key").write_text(master_text)
     (home / "master.key").chmod(0o600)
     make_dev_certs(home / "tls")
-    VaultDB.create(home / "vault.db", master_key).close()
+    init_backend = backend("vault").init_home  # a new home starts on the local vault
+    assert init_backend is not None
+    sections = init_backend(home, master_key)
     access_key_id, secret = new_access_key_id(), new_secret()
     config: dict[str, Any] = {
         "server": {
@@ -63,8 +65,7 @@ def init_home(home: Path, prefix: str, region: str, port: int) -> tuple[str, str
             "tls_key": "tls/server.key",
         },
         "limits": {"max_plaintext_bytes": 8192, "max_aad_bytes": 8192},
-        "keymanager": {"backend": "vault"},
-        "vault": {"path": "vault.db", "refresh_seconds": 0.5},
+        **sections,
         "master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"},
         "stores": [
             {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(master_key, access_key_id, secret)]}

@@ -297,10 +297,12 @@ def _pkcs11_config(imported: Imported) -> Pkcs11Config:
 def _verify(imported: Imported) -> tuple[str, list[str]]:
     """Log in, pin the token by label, make sure the health key exists, look up the stores' keys."""
     from keymanager.base import KeyAdminError
-    from keymanager.pkcs11.admin import Pkcs11Admin
+    from keymanager.registry import backend
 
+    admin_for = backend("pkcs11").key_admin_for
+    assert admin_for is not None
     try:
-        admin = Pkcs11Admin(_pkcs11_config(imported))
+        admin: Any = admin_for(_pkcs11_config(imported))  # the Pkcs11Admin: token_label, ensure_health_key
     except KeyAdminError as exc:
         raise ConfigError(f"pkcs11: cannot use the HSM ({exc}); fix it or import with --no-verify") from None
     try:

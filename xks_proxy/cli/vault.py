@@ -80,7 +80,8 @@ def _passphrase(path: str | None) -> bytes | None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from keymanager.vault.db import VaultDB, VaultError
+    from keymanager.base import KeyRefused
+    from keymanager.registry import backend
 
     config = configmod.load(configmod.home_dir(args.home))
     out = Path(args.file)
@@ -88,15 +89,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         passphrase = _passphrase(args.passphrase_file)
         if out.exists():
             raise RestoreError(f"{out} exists; a backup never overwrites a file")
-        if config.backend != "vault":
+        backup = backend(config.backend).backup
+        if backup is None:
             raise RestoreError(f"vault backup is not supported on backend {config.backend}")
-        db = VaultDB.open(config.vault.path, config.master_key, config.vault.dsn)
-        try:
-            db.sweep(actor="cli:vault-backup")
-            snapshot = db.snapshot()
-        finally:
-            db.close()
-    except (RestoreError, VaultError) as exc:
+        snapshot = backup.snapshot(config)
+    except (RestoreError, KeyRefused) as exc:
         print(f"xks-proxy: {exc}", file=sys.stderr)
         return 1
     files = {_VAULT_NAME: snapshot, CONFIG_FILE: _config_for_backup(config)}
@@ -234,9 +231,9 @@ def _files(payload: bytes) -> dict[str, bytes]:
 def _restore_into(home: Path, files: dict[str, bytes], master_text: str | None, cancel_deletions: bool) -> dict[str, Any]:
     import tomllib
 
-    from keymanager.vault.db import PENDING_DELETION, VaultDB, VaultError, iso_time
+    from keymanager.base import KeyRefused
+    from keymanager.registry import backend
     from xks_proxy.cli.home import write_config
-    from xks_proxy.admin.lifecycle import VaultLifecycle
 
     for name, data in files.items():
         if name == CONFIG_FILE:
@@ -253,31 +250,10 @@ def _restore_into(home: Path, files: dict[str, bytes], master_text: str | None, 
         raw.setdefault("master_key", {})["file"] = "master.key"
     write_config(home, raw)
     config = configmod.load(home)  # the master key must open the credentials...
+    backup = backend(config.backend).backup
+    assert backup is not None  # a backup is made only of a backend that has the capability
     try:
-        db = VaultDB(config.vault.path, config.master_key)
-    except VaultError as exc:
+        checked = backup.check_restored(config, cancel_deletions)  # ...and the restored vault
+    except KeyRefused as exc:
         raise RestoreError(str(exc)) from None
-    try:
-        _, keys = db.load()
-        if not any(k.versions for (store, _), k in keys.items() if store == "#internal"):
-            raise RestoreError("the master key does not open the restored vault (another home's key?)")
-        unreadable = [f"{s}/{k}" for (s, k), key in keys.items() if key.current is not None and key.current not in key.versions]
-        if unreadable:
-            raise RestoreError(f"key material of {', '.join(unreadable)} does not open under this master key")
-        pending = []
-        for store in config.stores:
-            for info in db.keys(store.prefix):
-                if info.state != PENDING_DELETION:
-                    continue
-                if cancel_deletions:
-                    VaultLifecycle(db, store.prefix, "cli:vault-restore", "cli").cancel_deletion(info.key_id)
-                pending.append({"keyId": info.key_id, "store": store.prefix, "deletionDate": iso_time(info.deletion_date)})
-        count = sum(1 for (store, _) in keys if store != "#internal")
-    finally:
-        db.close()
-    return {
-        "home": str(home),
-        "keys": count,
-        "files": sorted(files),
-        ("deletionCancelled" if cancel_deletions else "pendingDeletion"): pending,
-    }
+    return {"home": str(home), "keys": checked.pop("keys"), "files": sorted(files), **checked}

@@ -21,8 +21,7 @@ import socket
 import time
 from typing import Callable
 
-from keymanager.vault.postgres import PostgresStorage, ProxyRow
-from keymanager.vault.storage import StorageUnavailable
+from keymanager.base import ProxyInfo, SharedStorage, StorageUnavailable
 from xks_proxy.fleet import shared_settings
 from xks_proxy.config import Config, ConfigError
 
@@ -32,7 +31,7 @@ log = logging.getLogger("xks_proxy.fleet")
 LIVE_HEARTBEATS = 3
 
 
-def live(row: ProxyRow) -> bool:
+def live(row: ProxyInfo) -> bool:
     """Heard from within LIVE_HEARTBEATS of its own heartbeat intervals."""
     return row.age_seconds <= LIVE_HEARTBEATS * row.heartbeat_seconds
 
@@ -53,7 +52,7 @@ class FleetMember:
         self.proxy_id = config.fleet.name(config.server.port)
         self._host = socket.gethostname()
         self._pid = os.getpid()
-        self._storage: PostgresStorage | None = None
+        self._storage: SharedStorage | None = None
         self._task: asyncio.Task[None] | None = None
         self._size = 1
         self._revision: int | None = None
@@ -115,7 +114,7 @@ class FleetMember:
     def _poll(self) -> Config | None:
         """One round on a worker thread: heartbeat when due, then a changed store set, if any."""
         if self._storage is None:
-            self._storage = PostgresStorage(self._config.vault.dsn or "")
+            self._storage = shared_settings.open_storage(self._config)
         storage = self._storage
         heartbeat = self._config.fleet.heartbeat_seconds
         if time.monotonic() >= self._next_heartbeat:

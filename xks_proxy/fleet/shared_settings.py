@@ -18,11 +18,20 @@ from typing import Any, Iterator
 
 import tomli_w
 
-from keymanager.vault.postgres import PostgresStorage
+from keymanager.base import SharedStorage
+from keymanager.registry import backend
 from xks_proxy.config import Config, ConfigError, with_stores
 
 STORES = "stores"
 WHERE = "stores (in the vault database)"
+
+
+def open_storage(config: Config) -> SharedStorage:
+    """The fleet's shared database, through the backend's fleet capability (`vault.dsn`)."""
+    fleet = backend(config.backend).fleet
+    if fleet is None:  # config validation refuses vault.dsn on such a backend first
+        raise ConfigError(f"keymanager.backend {config.backend!r} has no shared fleet storage")
+    return fleet.shared_storage(config)
 
 
 def parse(document: str) -> list[dict[str, Any]]:
@@ -40,7 +49,7 @@ def dump(stores: list[dict[str, Any]]) -> str:
     return tomli_w.dumps({"stores": stores})
 
 
-def read(storage: PostgresStorage) -> tuple[list[dict[str, Any]], int] | None:
+def read(storage: SharedStorage) -> tuple[list[dict[str, Any]], int] | None:
     """(stores, revision) from the database, or None if no stores were ever put there."""
     if storage.schema_version() == 0:
         return None  # an empty database: `xks-proxy fleet init` has not run
@@ -56,8 +65,7 @@ def apply(config: Config, stores: list[dict[str, Any]]) -> Config:
 
 def stores_raw(config: Config) -> list[dict[str, Any]]:
     """The fleet's `[[stores]]` tables as its vault database holds them (secrets sealed)."""
-    assert config.vault.dsn is not None
-    storage = PostgresStorage(config.vault.dsn)
+    storage = open_storage(config)
     try:
         found = read(storage)
     finally:
@@ -87,8 +95,7 @@ def editing(config: Config, actor: str, expect_revision: int | None = None) -> I
     Anything raised inside leaves the database unchanged. With `expect_revision`, raises
     StoresChanged unless the stores are still at that revision.
     """
-    assert config.vault.dsn is not None
-    storage = PostgresStorage(config.vault.dsn)
+    storage = open_storage(config)
     try:
         with storage.write() as tx:
             found = tx.setting(STORES)

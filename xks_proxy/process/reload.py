@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any, Callable
 
-from keymanager.vault.storage import StorageUnavailable
+from keymanager.base import StorageUnavailable
 from xks_proxy import config as configmod
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.access.metrics import NoMetrics

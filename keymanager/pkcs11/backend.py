@@ -1,0 +1,37 @@
+"""The PKCS#11 backend's registry entry: keys live in the HSM, which keeps their state itself.
+
+No optional capabilities: the HSM has no key versions, scheduled deletion or import tokens of
+ours (the CLI offers what `Pkcs11Admin` can do), its backups are the HSM vendor's, and a fleet
+of proxies simply shares the HSM cluster.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keymanager.base import Backend, KeyAdmin, KeyManager
+
+if TYPE_CHECKING:
+    from xks_proxy.config import Config
+
+
+def _key_manager(config: "Config") -> KeyManager:
+    from keymanager.pkcs11.manager import Pkcs11KeyManager
+
+    assert config.pkcs11 is not None
+    return Pkcs11KeyManager(config.pkcs11)
+
+
+def _key_admin_for(settings: Any) -> KeyAdmin:
+    """Log in to the token `settings` (a `[pkcs11]` section, parsed) names."""
+    from keymanager.pkcs11.admin import Pkcs11Admin
+
+    return Pkcs11Admin(settings)
+
+
+def _key_admin(config: "Config") -> KeyAdmin:
+    assert config.pkcs11 is not None
+    return _key_admin_for(config.pkcs11)
+
+
+BACKEND = Backend(name="pkcs11", key_manager=_key_manager, key_admin=_key_admin, key_admin_for=_key_admin_for)
