@@ -1,5 +1,8 @@
 """The dangerous parts, in one small module: raw key bytes, IVs, AES-GCM, sealing under the master key.
 
+Over 400 lines because it is one cohesive thing on purpose: the wall around raw key material
+(pyca/cryptography's hazmat idea). Splitting it would spread key bytes over several modules.
+
 Nothing else in the project touches raw key material or chooses an IV. Backends that keep keys
 in memory hold `DataKey` objects (which never print their bytes); an HSM backend uses only
 `bind_aad` and `checked_iv` (the HSM makes the IV; we refuse a bad one). Sealing wraps secrets (key material, credentials) under the master key
