@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
-from keymanager.vault.db import VaultDB, VaultError, parse_usage
+from keymanager.base import KeyRefused as VaultError  # any refusal: VaultError, NoSuchKey, BadRequest
+from keymanager.vault.db import VaultDB, parse_usage
 from tests.conftest import REGION, Home, metadata, need, unb64
 from tests.lifecycle_util import ROOT, cli, cli_json, serving
 from xks_proxy import config as configmod

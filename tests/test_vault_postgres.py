@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from keymanager.crypto import DataKey, MasterKey
-from keymanager.vault.db import INTERNAL_STORE, Grant, VaultDB, VaultError, material_context, parse_usage
+from keymanager.base import KeyRefused as VaultError  # any refusal: VaultError, NoSuchKey, BadRequest
+from keymanager.vault.db import INTERNAL_STORE, Grant, VaultDB, material_context, parse_usage
 from keymanager.vault.postgres import PostgresStorage
 from keymanager.vault.storage import StorageUnavailable
 from tests.conftest import REGION, Client, Home, metadata, unb64

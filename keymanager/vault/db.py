@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from keymanager.base import BadRequest, KeyUsage, NoSuchKey, audit, iso_time, parse_usage
-from keymanager.base import KeyRefused as VaultError  # the vault's refusals: NoSuchKey, BadRequest, state rules
+from keymanager.base import KeyRefused
 from keymanager.base import KeyInfo as BaseKeyInfo
 from keymanager.crypto import (
     WRAPPING_ALGORITHMS,
@@ -73,6 +73,15 @@ IMPORT_TOKEN_SECONDS = 24 * 3600
 TOKEN_ISSUER = "xks-proxy vault"
 TOKEN_AUDIENCE = "xks-proxy import"
 _SIGNER_SECRET = "import-token-signing-key"
+
+
+
+class VaultError(KeyRefused):
+    """A refused vault change: the key's state does not allow it (the CLI prints it as one line).
+
+    Its name is what audit records show as the outcome of such a refusal; NoSuchKey and
+    BadRequest (keymanager.base) are its siblings under KeyRefused.
+    """
 
 
 @dataclass(frozen=True, slots=True)

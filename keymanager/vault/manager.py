@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage, StorageUnavailable
-from keymanager.base import KeyRefused as VaultError  # the vault's refusals: NoSuchKey, BadRequest, state rules
+from keymanager.base import KeyRefused as VaultError  # any refusal: VaultError, NoSuchKey, BadRequest
 from keymanager.crypto import MasterKey
 from xks_proxy.errors import (
     DependencyTimeoutException,
