@@ -17,6 +17,7 @@ admin listener (admin.py), if enabled, runs in one process only (worker 0): its 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import select
@@ -146,9 +147,14 @@ async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> 
 
 
 def serve(
-    config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1
+    config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1,
+    sock: socket.socket | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
+    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer).
+
+    On `sock` if given (bound by `listen` before anything was printed), else on host:port.
+    Raises ListenError when host:port cannot be bound.
+    """
     host = host or config.server.host
     port = config.server.port if port is None else port
     if not plain_http:
@@ -158,7 +164,7 @@ def serve(
             raise ConfigError(str(exc)) from None
     if config.audit.path is not None:
         audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
-    sock = _listen(host, port)
+    sock = listen(host, port) if sock is None else sock
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
     log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
@@ -169,12 +175,32 @@ def serve(
     return _supervise(config, sock, plain_http, workers)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+class ListenError(Exception):
+    """host:port cannot be listened on (in use, not an address of this machine, ...), as one line."""
+
+
+#: What to tell the operator beside the system's words, for the usual reasons.
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "ports below 1024 need privileges",
+}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket the workers share. Bound before the server says or makes anything, so a
+    port in use or a foreign address is one ListenError line, with no claim of success before it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = _LISTEN_HINTS.get(exc.errno or 0)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}" + (f" ({hint})" if hint else "")) from None
     sock.set_inheritable(True)
     return sock
 
@@ -194,7 +220,7 @@ async def _serve_worker(config: Config, sock: socket.socket, plain_http: bool, s
 
 def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int) -> int:
     audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
-    metrics_sock = _listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
+    metrics_sock = listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
     metrics_dir = None
     if metrics_sock is not None:
         metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
