@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import ssl
+from asyncio import sslproto
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from aiohttp import web
 from cryptography import x509
 
 from xks_proxy.config import Config
+from xks_proxy.connections import Guards, GuardedSite, Slot, peer_of
 from xks_proxy.metrics import NoMetrics
 
 log = logging.getLogger("xks_proxy.tls")
@@ -224,47 +226,100 @@ class TlsManager:
         return False
 
 
-class _TlsConnection(asyncio.Protocol):
-    """One accepted TCP connection: TLS with the context current now, the name check, then HTTP."""
+class _LeanSslProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB, allocated on first read.
 
-    def __init__(self, tls: TlsManager, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
+    asyncio allocates (and zero-fills) `max_size` bytes per connection at once: 1,000 idle
+    connections cost 256 MB, and glibc keeps much of it after they close. A TLS record is at
+    most 16 KiB plus a few bytes, and XKS requests are a few KiB, so 16 KiB reads lose nothing
+    that matters; a connection that never sends its ClientHello costs no buffer at all.
+    """
+
+    max_size = 16 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_buffer = bytearray()  # get_buffer() grows it to max_size when bytes arrive
+        self._ssl_buffer_view = memoryview(self._ssl_buffer)
+
+
+async def _start_tls(
+    loop: asyncio.AbstractEventLoop, raw: asyncio.Transport, protocol: asyncio.BaseProtocol, context: ssl.SSLContext
+) -> asyncio.Transport:
+    """`loop.start_tls(server_side=True)` (CPython's own steps) with `_LeanSslProtocol`."""
+    waiter = loop.create_future()
+    tls = _LeanSslProtocol(
+        loop, protocol, context, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT, call_connection_made=False
+    )
+    raw.pause_reading()
+    raw.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, raw)
+    resume = loop.call_soon(raw.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        raw.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return tls._app_transport  # type: ignore[no-any-return]
+
+
+class _TlsConnection(asyncio.Protocol):
+    """One accepted TCP connection: under the cap, TLS with the context current now, the name check, then HTTP."""
+
+    def __init__(self, tls: TlsManager, guards: Guards, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
         self._tls = tls
+        self._guards = guards
         self._http = http
         self._loop = loop
         self._pending: list[bytes] = []
         self._closed = False
+        self._slot: Slot | None = None
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._slot = self._guards.accept(peer_of(transport))
+        if self._slot is None:  # over the cap: closed before a handshake costs anything
+            transport.abort()
+            return
         transport.pause_reading()  # the ClientHello waits in the kernel until start_tls takes over
-        self._task = self._loop.create_task(self._start(transport))
+        self._task = self._loop.create_task(self._start(transport, self._slot))
 
-    async def _start(self, raw: asyncio.Transport) -> None:
-        peer = _peer(raw)
+    async def _start(self, raw: asyncio.Transport, slot: Slot) -> None:
+        handed_over = False
+        try:
+            handed_over = await self._handshake(raw, slot)
+        finally:
+            if not handed_over:
+                slot.release()
+
+    async def _handshake(self, raw: asyncio.Transport, slot: Slot) -> bool:
+        """True once the connection belongs to its guard (which then releases the slot)."""
+        peer = peer_of(raw)
         loaded = self._tls.current
         try:
-            tls = await self._loop.start_tls(
-                raw, self, loaded.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
-            )
+            tls = await _start_tls(self._loop, raw, self, loaded.context)
         except asyncio.CancelledError:
             raw.abort()
             raise
-        except Exception as exc:  # start_tls has closed the connection
+        except Exception as exc:  # the connection is closed
             self._tls.handshake_refused(peer, exc)
-            return
+            return False
         if self._closed or tls is None or tls.is_closing():
-            return
+            return False
         if loaded.mutual and not self._tls.name_allowed(tls.get_extra_info("peercert"), peer):
             self._pending.clear()
             tls.abort()
-            return
-        http = self._http()
-        tls.set_protocol(http)
-        http.connection_made(tls)
+            return False
+        guard = self._guards.guard(self._http(), slot)
+        tls.set_protocol(guard)
+        guard.connection_made(tls)
         for chunk in self._pending:
-            http.data_received(chunk)
+            guard.data_received(chunk)
         self._pending.clear()
+        return True
 
     def data_received(self, data: bytes) -> None:
         """Decrypted bytes that arrive before the name check: held, never parsed unless it passes."""
@@ -279,43 +334,17 @@ class _TlsConnection(asyncio.Protocol):
         self._pending.clear()
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+class TlsSite(GuardedSite):
+    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring)."""
 
-
-class TlsSite(web.BaseSite):
-    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring).
-
-    Listens on `sock` when given (a socket the supervisor bound and shares with its workers),
-    else binds `host`:`port` itself.
-    """
+    scheme = "https"
 
     def __init__(
-        self, runner: web.BaseRunner, tls: TlsManager, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
-    ) -> None:
-        super().__init__(runner, backlog=2048)
-        self._host = host
-        self._port = port
-        self._sock = sock
+        self, runner: web.BaseRunner, tls: TlsManager, guards: Guards, host: str = "127.0.0.1", port: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(runner, guards, host, port, sock)
         self._tls = tls
 
-    @property
-    def name(self) -> str:
-        return f"https://{self._host}:{self.port}"
-
-    @property
-    def port(self) -> int:
-        if self._server is not None and self._server.sockets:  # type: ignore[attr-defined]
-            return int(self._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        return self._port
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        http = self._runner.server
-        assert http is not None
-        where: dict[str, Any] = {"sock": self._sock} if self._sock else {"host": self._host, "port": self._port, "reuse_address": True}
-        self._server = await loop.create_server(lambda: _TlsConnection(self._tls, http, loop), backlog=self._backlog, **where)
+    def connection(self, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        return _TlsConnection(self._tls, self.guards, http, loop)

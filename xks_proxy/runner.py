@@ -34,6 +34,7 @@ from keymanager import create_key_manager
 from xks_proxy import audit
 from xks_proxy.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.connections import GuardedSite, Guards, redact_aiohttp_logs
 from xks_proxy.errors import XksError
 from xks_proxy.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
 from xks_proxy.mtls import TlsError, TlsManager, TlsSite
@@ -64,6 +65,7 @@ class Running:
     tls: TlsManager | None
     reloader: Reloader
     metrics_port: int | None = None
+    guards: Guards | None = None  # open connections of the XKS listener
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _audit: AuditLog | None = None
@@ -115,12 +117,19 @@ async def start(
 
         admin_api.attach(app, config, key_manager)
     try:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+        guards = Guards(config.server)
+        app.middlewares.append(guards.middleware)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=10, logger=redact_aiohttp_logs(),
+            keepalive_timeout=config.server.idle_timeout_seconds,  # the guard's idle deadline enforces the same
+            lingering_time=2.0,  # after an answer sent before the body was read (413, 408): not aiohttp's 10 s
+        )  # fmt: skip
         await runner.setup()
         running._runners.append(runner)
-        site = TlsSite(runner, tls, host, port, sock) if tls else (web.SockSite(runner, sock) if sock else web.TCPSite(runner, host, port))
+        site = TlsSite(runner, tls, guards, host, port, sock) if tls else GuardedSite(runner, guards, host, port, sock)
         await site.start()
-        running.port = sock.getsockname()[1] if sock else (site.port if isinstance(site, TlsSite) else runner.addresses[0][1])
+        running.port = sock.getsockname()[1] if sock else site.port
+        running.guards = guards
         if isinstance(metrics, Metrics):
             running._tasks.append(asyncio.create_task(metrics.watch_health(server.key_manager)))
             if shared is None:  # one process serves its own metrics; workers' are served by the sidecar
