@@ -376,3 +376,30 @@ async def test_a_malformed_request_puts_no_byte_of_it_in_any_log(proxy: Served) 
     assert "BadHttpMessage" in log, "aiohttp's refusal is logged (one line)"
     assert MARKER not in log and MARKER not in (proxy.home / "audit.log").read_text()
     assert "Traceback" not in log
+
+
+# --- the per-worker connection cap -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[Served]:
+    """20 connections per worker (the default is 2 workers on this machine: 40 for the proxy)."""
+    yield from _serve(tmp_path, max_connections=20, header_timeout_seconds=10.0)
+
+
+async def test_connections_over_the_cap_are_closed_at_once_and_the_proxy_serves_after(capped: Served) -> None:
+    workers = os.cpu_count() or 1
+    cap = 20 * workers
+    raw = [await asyncio.open_connection("127.0.0.1", capped.port) for _ in range(cap + 40)]
+    await asyncio.sleep(0.5)  # every accept has been seen by a worker
+    closed = await asyncio.gather(*(_closed_by_server(r, 1.0) for r, _ in raw))
+    refused = sum(c is not None for c in closed)
+    # Each worker holds at most 20; the kernel's spread over workers decides who holds how many.
+    assert 40 <= refused <= cap + 40 - 20, (refused, cap)
+    assert 1 <= capped.log.read_text().count("connection cap reached") <= workers, "one line per worker per minute"
+    for _, writer in raw:
+        writer.close()
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=capped.ctx)) as session:
+        status, _ = await capped.client(session).call("health", requestMetadata=metadata("KmsHealthCheck"))
+    assert status == 200
