@@ -27,6 +27,8 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Callable, Coroutine
 
 from aiohttp import web
 
@@ -45,6 +47,9 @@ log = logging.getLogger("xks_proxy")
 #: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
 #: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
 EXIT_CANNOT_START = 3
+#: How long a stop waits for a start-up still inside the key manager (an HSM login) before exiting.
+STOP_GRACE_SECONDS = 15.0
+_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass(frozen=True)
@@ -176,12 +181,32 @@ def serve(
     sock = listen(host, port) if sock is None else sock
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
-    log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a handler is in place, a reload signal must not kill
-    if workers <= 1:
-        asyncio.run(_serve_worker(config, sock, plain_http, None))
-        return 0
-    return _supervise(config, sock, plain_http, workers)
+    announce = partial(
+        log.info, "serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers
+    )
+    # Stop and reload signals wait (blocked) until a handler that defers them is in place: a
+    # process killed inside a PKCS#11 call (a login rewrites SoftHSM's token file) can lose every key.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    try:
+        if workers <= 1:
+            asyncio.run(_serve_worker(config, sock, plain_http, None, announce))
+            return 0
+        return _supervise(config, sock, plain_http, workers, announce)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+
+
+def _wait_ready(ready: int) -> bool:
+    """Whether the worker writing to this pipe came up: a byte once it serves, EOF if it died first."""
+    try:
+        return os.read(ready, 1) == b"+"
+    finally:
+        os.close(ready)
+
+
+def _report_ready(ready: int) -> None:
+    os.write(ready, b"+")
+    os.close(ready)
 
 
 class ListenError(Exception):
@@ -214,31 +239,75 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve_worker(config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None) -> None:
-    running = await start(config, plain_http=plain_http, sock=sock, shared=shared)
+async def _serve_worker(
+    config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None, ready: Callable[[], object]
+) -> None:
+    """Start, call `ready()`, serve until SIGTERM/SIGINT, close. Entered with those signals blocked.
+
+    From here on a stop only sets an event: one that arrives while the key manager starts (an
+    HSM login in progress) waits for the start to return, then closes the sessions and exits,
+    so no PKCS#11 call is ever cut short by a signal (bounded by STOP_GRACE_SECONDS).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.reloader.trigger)
+    running: Running | None = None
+    loop.add_signal_handler(signal.SIGINT, _stop_once, loop, stop)
+    loop.add_signal_handler(signal.SIGTERM, _stop_once, loop, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: running.reloader.trigger() if running else None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    running = await _start_unless_stopped(start(config, plain_http=plain_http, sock=sock, shared=shared), stop)
+    if running is None:
+        return
     try:
+        ready()
         await stop.wait()
     finally:
         await running.close()
+        running.server.key_manager.release()
 
 
-def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int) -> int:
+def _stop_once(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT stops; later ones are ignored. A worker gets two (the process
+    group's and the supervisor's copy), and one landing while asyncio closes its loop prints a
+    traceback (CPython closes the wakeup pipe before it removes the handlers)."""
+    stop.set()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def _start_unless_stopped(starting: Coroutine[Any, Any, Running], stop: asyncio.Event) -> Running | None:
+    """The started worker, or None if a stop came first (the start is let finish, then closed)."""
+    task = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():  # never cancelled: that would leave a PKCS#11 call running under an exiting process
+        await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+        if not task.done():
+            log.error("stopping: start-up still inside the key manager after %g s; exiting anyway", STOP_GRACE_SECONDS)
+            os._exit(1)
+    running = task.result()
+    if not stop.is_set():
+        return running
+    await running.close()
+    running.server.key_manager.release()
+    return None
+
+
+def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
+    """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
+    only once it is up; then restart workers that die. Entered with the stop signals blocked."""
     audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
     metrics_sock = listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
     metrics_dir = None
     if metrics_sock is not None:
         metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the children
-        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
     shared = Shared(workers=workers, audit_socket=audit_tx)
     children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
     stopping = failed = False
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    handled = _HANDLED
 
     def spawn(slot: int, ready: int | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
@@ -249,21 +318,24 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             children[pid] = slot
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        if stopping:  # a stop that another thread took (the mask is this thread's) ran before the line above
+            stop(signal.SIGTERM, None)
 
     def child(slot: int, ready: int | None) -> None:
-        """Never returns."""
+        """Never returns. A worker keeps the stop signals blocked until `_serve_worker` defers them."""
         code = 1
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-            if slot < 0:
+            if slot < 0:  # holds no key: the default actions are fine until its loop handles them
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
                 from xks_proxy import sidecar
 
                 sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
             else:
-                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0)))
+                up = partial(_report_ready, ready) if ready is not None else lambda: None
+                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0), up))
             code = 0
         except XksError as exc:
             log.error("worker cannot start: %s", exc.message)
@@ -303,6 +375,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
     if audit_rx is not None or metrics_sock is not None:
         # The sidecar is up before the workers start: their start (HSM logins above all) then
         # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
@@ -311,9 +384,23 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
         os.close(ready_w)
         select.select([ready_r], [], [], 5.0)
         os.close(ready_r)
-    for slot in range(workers):
-        if not stopping:
-            spawn(slot)
+    # Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
+    # another process); the others log in only once it serves.
+    first_up = False
+    if not stopping:
+        ready_r, ready_w = os.pipe()
+        spawn(0, ready_w)
+        os.close(ready_w)
+        first_up = _wait_ready(ready_r)
+    if first_up:
+        announce()
+        if metrics_sock is not None:
+            log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
+        for slot in range(1, workers):
+            if not stopping:
+                spawn(slot)
+    elif not stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
+        stopping = failed = True  # the sidecar is stopped below once worker 0 is reaped
     try:
         while children:
             try:
@@ -328,7 +415,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             if slot is None:
                 continue
             if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
-                log.error("a worker cannot start; stopping (not retrying)")
+                log.error("a restarted worker cannot start; stopping all workers (not retrying)")
                 stop(signal.SIGTERM, None)
                 failed = True
             if stopping and not any(s >= 0 for s in children.values()):
