@@ -7,7 +7,7 @@ one worker in-process, or supervises several.
 
 With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
 build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
-fork), restarts a worker that dies (but stops when a worker cannot start at all, see
+fork): worker 0 alone first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that dies (but stops when a worker cannot start at all, see
 EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
 reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
 process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
