@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "fleet" / "run-local.sh"
 #: KMS times out every call after 250 ms (docs/xks-protocol.md): the bound on every answer.
 KMS_BUDGET_MS = 250
-#: Each client pauses this long after each Encrypt+Decrypt pair: about 500 requests/s from 20
+#: Each client pauses this long after each Encrypt+Decrypt pair: about 330 requests/s from 20
 #: clients, leaving the 2-core machine room to restart a killed proxy (and the client's own event
 #: loop room to measure latency rather than its own backlog).
 PAUSE = 0.1
@@ -181,17 +181,19 @@ async def test_ten_proxy_deaths_cost_kms_nothing(fleet: Fleet) -> None:
     await wait_for(lambda: _served_by_both(fleet), timeout=5)
     offset = len(fleet.haproxy_log())
     cycles: list[tuple[float, float]] = []
+    started = time.monotonic()
     async with Traffic(fleet, clients=20) as traffic:
         await asyncio.sleep(0.5)
         for kill in range(10):
             cycles.append(await _kill_and_restart(fleet, 1 + kill % 2))
         await asyncio.sleep(0.3)
+    seconds = time.monotonic() - started
     assert traffic.failures == [], traffic.failures[:5]
     requests = await wait_for(lambda: _logged_requests(fleet, offset, traffic), timeout=5)
     resent = [r for r in requests if int(r["retries"]) > 0]
     slowest = sorted(requests, key=lambda r: -int(r["Ta"]))
     print(
-        f"\n10 kills: {len(requests)} requests, {len(traffic.failures)} failed, {len(resent)} resent by HAProxy; "
+        f"\n10 kills in {seconds:.0f} s: {len(requests)} requests, {len(traffic.failures)} failed, {len(resent)} resent by HAProxy; "
         f"HAProxy Ta p50/p99/max {_percentiles([int(r['Ta']) for r in requests])} ms "
         f"(max of the resent: {max((int(r['Ta']) for r in resent), default=0)} ms); "
         f"client-side p50/p99/max {_percentiles(traffic.latencies)} ms; "
@@ -218,7 +220,7 @@ async def _kill_and_restart(fleet: Fleet, k: int) -> tuple[float, float]:
     os.killpg(group, signal.SIGKILL)
     await wait_for(lambda: _logged(fleet, f"xks_proxies/proxy{k} is DOWN", down), timeout=5, interval=0.01)
     out = time.monotonic() - killed
-    assert _members(group) == [], "every process of the proxy died at once"
+    await wait_for(lambda: _gone(group), timeout=2)  # every process of the proxy died, none survived alone
     restarted = await asyncio.to_thread(fleet.run, "restart", str(k))  # returns once its /ping answers 200
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     serving = time.monotonic()
@@ -230,6 +232,10 @@ async def _kill_and_restart(fleet: Fleet, k: int) -> tuple[float, float]:
 
 async def _logged(fleet: Fleet, line: str, before: int) -> bool:
     return fleet.haproxy_log().count(line) > before
+
+
+async def _gone(group: int) -> bool:
+    return _members(group) == []
 
 
 def _members(group: int) -> list[int]:
