@@ -76,9 +76,14 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        tree += subprocess.run(
+            f"for p in $(ps -o pid= -g {proc.pid}); do grep -H 'SigIgn\\|SigCgt\\|SigPnd\\|ShdPnd' /proc/$p/status; ls /proc/$p/task | wc -l; done",
+            shell=True, capture_output=True, text=True,
+        ).stdout
         os.killpg(proc.pid, signal.SIGKILL)  # a test failure, never the behaviour under test
         out, err = proc.communicate()
-        raise AssertionError(f"serve did not exit within {timeout} s: {err[-2000:]}") from None
+        raise AssertionError(f"serve did not exit within {timeout} s (supervisor {proc.pid}):\n{tree}\n{err[-2000:]}") from None
     return proc.returncode, out, err
 
 
