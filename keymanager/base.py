@@ -92,6 +92,10 @@ class KeyManager(abc.ABC):
     async def close(self) -> None:
         """Release everything start() acquired."""
 
+    def release(self) -> None:
+        """Called once by a serving process about to exit, after close(): let go of what belongs
+        to the process rather than to this manager (a PKCS#11 module's initialisation)."""
+
     @abc.abstractmethod
     async def get_metadata(self, store: str, key_id: str) -> KeyMetadata:
         """Raise KeyNotFoundException for an unknown key."""

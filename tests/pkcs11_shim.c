@@ -15,7 +15,11 @@
  *                        zero_random C_GenerateRandom returns zeros (a broken RNG);
  *                        decrypt_rv C_Decrypt completes, then returns the CKR code in the file
  *                                   (hex), as vendors report a failed tag check;
- *                      and the shim counts C_FindObjectsInit calls into find_count.
+ *                        login_delay_ms  C_Login sleeps that many milliseconds before the real call
+ *                                   (nanosleep resumes after a handled signal: only a kill ends it);
+ *                      and the shim counts C_FindObjectsInit calls into find_count, and appends
+ *                      "begin <pid>" and "end <pid> <rv hex>" around every C_Login to logins (so a
+ *                      process killed inside C_Login leaves a begin without its end).
  *
  * Plain C with its own minimal PKCS#11 declarations, so it builds with nothing but gcc.
  */
@@ -25,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef unsigned long CK_ULONG;
 typedef CK_ULONG CK_RV;
@@ -93,12 +98,25 @@ static CK_RV injected(void) {
     return rv ? rv : CKR_DEVICE_ERROR;
 }
 
+static void sleep_ms(long ms) {
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0) {}
+}
+
 static void delay(void) {
     char text[64];
     if (!read_control("delay_ms", text, sizeof text)) return;
-    long ms = atol(text);
-    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-    nanosleep(&ts, NULL);
+    sleep_ms(atol(text));
+}
+
+/* One line appended (O_APPEND: whole lines from many processes) to the control file `logins`. */
+static void log_login(const char *line) {
+    char path[4096];
+    if (!control_file("logins", path, sizeof path)) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fputs(line, f);
+    fclose(f);
 }
 
 static int iv_mode(const char *mode) {
@@ -152,8 +170,15 @@ static CK_RV shim_OpenSession(CK_ULONG slot, CK_ULONG flags, void *app, void *no
 }
 
 static CK_RV shim_Login(CK_SESSION_HANDLE s, CK_ULONG user, CK_BYTE *pin, CK_ULONG len) {
+    char line[128], text[64];
+    snprintf(line, sizeof line, "begin %ld\n", (long)getpid());
+    log_login(line);
+    if (read_control("login_delay_ms", text, sizeof text)) sleep_ms(atol(text));
     CK_RV rv = injected();
-    return rv ? rv : ((fn_login)real->f[F_LOGIN])(s, user, pin, len);
+    if (!rv) rv = ((fn_login)real->f[F_LOGIN])(s, user, pin, len);
+    snprintf(line, sizeof line, "end %ld %lx\n", (long)getpid(), rv);
+    log_login(line);
+    return rv;
 }
 
 static CK_RV shim_FindObjectsInit(CK_SESSION_HANDLE s, void *template, CK_ULONG count) {

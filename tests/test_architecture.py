@@ -45,6 +45,8 @@ KNOWN_LONG: dict[str, str] = {
     "keymanager.vault.postgres": "step 3: as storage",
     "keymanager.vault.db": "step 3: BYOK import (import_params/import_material) out of VaultDB",
     "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
+    "xks_proxy.process.runner": "after the merge of issue 11: supervisor and worker in two modules",
+    "xks_proxy.access.mtls": "after the merge of issue 11: TLS contexts and the TLS transport in two modules",
     "keymanager.pkcs11.token": "hot on main (issue 11); docstring to say why after the merge",
 }
 

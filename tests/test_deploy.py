@@ -124,7 +124,7 @@ def test_haproxy_config_is_valid(tmp_path: Path) -> None:
     make_dev_certs(tmp_path)
     pem = tmp_path / "haproxy.pem"
     pem.write_bytes((tmp_path / "server.pem").read_bytes() + (tmp_path / "server.key").read_bytes())
-    env = dict(os.environ, XKS_TLS_PEM=str(pem), XKS_HTTPS_PORT="8443", XKS_UPSTREAM_1="127.0.0.1:9001", XKS_UPSTREAM_2="127.0.0.1:9002")
+    env = dict(os.environ, XKS_TLS_PEM=str(pem), XKS_HTTPS_ADDR="127.0.0.1", XKS_HTTPS_PORT="8443", XKS_UPSTREAM_1="127.0.0.1:9001", XKS_UPSTREAM_2="127.0.0.1:9002")
     checked = subprocess.run([haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
 import ssl
+import subprocess
+from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.certs import CA
-from tests.conftest import Home, unb64
+from tests.certs import CA, Leaf
+from tests.conftest import Home, need, unb64
 from tests.proxy import KMS_NAME, Pki, client_for, edit_config, eventually, running
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
@@ -74,28 +79,216 @@ async def test_refused_in_the_handshake(home: Home, pki: Pki, caplog: pytest.Log
     assert access_records(caplog) == [], "no request may reach the server"
 
 
-async def test_chaining_certificate_with_another_name_is_cut_before_any_request(
+async def test_chaining_certificate_with_another_name_is_refused_in_the_handshake(
     home: Home, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="xks_proxy")
     # The CN is the right name, but the SAN's DNS name decides when there is one.
     impostor = pki.client_ca.leaf(dns=("evil.example",), cn=KMS_NAME)
     async with running(home.path) as proxy:
-        # The handshake itself succeeds (the certificate chains), then the connection is cut unread.
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, ssl=pki.context(impostor))
         writer.write(b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        try:
-            answer = await asyncio.wait_for(reader.read(), 5)
-        except (ConnectionResetError, ssl.SSLError):
-            answer = b""
+        with pytest.raises(ssl.SSLError, match="ALERT_BAD_CERTIFICATE"):
+            await asyncio.wait_for(reader.read(), 5)
         writer.close()
-        assert answer == b"", "a refused client must get no HTTP answer"
         async with client_for(home, proxy, pki.context(impostor)) as client:
             with pytest.raises(aiohttp.ClientError):
                 await client.encrypt("foo", b"never processed")
     messages = [r.getMessage() for r in caplog.records if r.name == "xks_proxy.tls"]
-    assert any("'evil.example'" in m and "closed before any request" in m and KMS_NAME in m for m in messages), messages
+    assert len(messages) == 2, messages
+    assert all("TLS handshake from 127.0.0.1" in m and "'evil.example'" in m and KMS_NAME in m for m in messages), messages
     assert access_records(caplog) == []
+
+
+# --- TLS alerts: a refused client learns why -------------------------------------------------
+
+#: case -> (client certificate, the alert a TLS 1.2 client gets, the one a TLS 1.3 client gets)
+ALERTS: dict[str, tuple[Callable[[Pki], Leaf | None], str, str]] = {
+    "no certificate": (lambda pki: None, "SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+    "unknown CA": (lambda pki: CA("rogue CA").leaf(dns=(KMS_NAME,)), "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_UNKNOWN_CA"),
+    "expired": (
+        lambda pki: pki.client_ca.leaf(dns=(KMS_NAME,), expired=True),
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    ),
+    # OpenSSL 3.0 maps no verification error to access_denied; a name mismatch is bad_certificate.
+    "another name": (lambda pki: pki.client_ca.leaf(dns=("evil.example",)), "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_BAD_CERTIFICATE"),
+}
+REPEAT = 20
+
+
+def _alert_received(port: int, ctx: ssl.SSLContext) -> str:
+    """What a client that sends its request at once (as KMS does) learns: the alert's reason."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n")  # TLS 1.3: the handshake is done for the client
+            answer = tls.recv(1024)
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+    except OSError as exc:
+        return f"no alert: {exc!r}"
+    return f"no alert: answered {answer[:20]!r}"
+
+
+@pytest.mark.parametrize("case", ALERTS, ids=list(ALERTS))
+async def test_every_refusal_sends_an_alert_naming_the_reason(
+    home: Home, pki: Pki, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="xks_proxy")
+    make_leaf, alert12, alert13 = ALERTS[case]
+    leaf = make_leaf(pki)
+    async with running(home.path) as proxy:
+        for tls12, alert in ((True, alert12), (False, alert13)):
+            ctx = pki.context(leaf, tls12=tls12)
+            got = [await asyncio.to_thread(_alert_received, proxy.port, ctx) for _ in range(REPEAT)]
+            assert got == [alert] * REPEAT, (tls12, got)
+    refusals = [r for r in caplog.records if r.name == "xks_proxy.tls"]
+    assert len(refusals) == 2 * REPEAT, [r.getMessage() for r in refusals]
+    assert {r.levelno for r in refusals} == {logging.INFO}, "every refusal at one level"
+    assert all(r.getMessage().startswith("TLS handshake from 127.0.0.1:") for r in refusals)
+    assert access_records(caplog) == []
+
+
+OPENSSL_ALERTS = {
+    "no certificate": ("sslv3 alert handshake failure", "tlsv13 alert certificate required"),
+    "unknown CA": ("tlsv1 alert unknown ca", "tlsv1 alert unknown ca"),
+    "expired": ("sslv3 alert certificate expired", "sslv3 alert certificate expired"),
+    "another name": ("sslv3 alert bad certificate", "sslv3 alert bad certificate"),
+}
+
+
+async def s_client(port: int, ca: Path, *args: str) -> str:
+    """`openssl s_client` sending a request at once; its whole output (alerts, the suite negotiated)."""
+    openssl = need("openssl")
+    cmd = [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-ign_eof", *args]
+    done = await asyncio.to_thread(
+        subprocess.run, cmd, input=b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        capture_output=True, timeout=20,
+    )  # fmt: skip
+    return (done.stdout + done.stderr).decode(errors="replace")
+
+
+async def test_openssl_s_client_names_the_alert(home: Home, pki: Pki, tmp_path: Path) -> None:
+    ca = tmp_path / "server-ca.pem"
+    ca.write_bytes(pki.server_ca.pem)
+    async with running(home.path) as proxy:
+        for case, alerts in OPENSSL_ALERTS.items():
+            leaf = ALERTS[case][0](pki)
+            cert = [] if leaf is None else ["-cert", str(leaf.write(tmp_path, case.replace(" ", "-"))[0]), "-key", str(tmp_path / f"{case.replace(' ', '-')}.key")]
+            for version, alert in zip(("-tls1_2", "-tls1_3"), alerts):
+                out = await s_client(proxy.port, ca, version, *cert)
+                assert alert in out and "HTTP/1.1 200" not in out, (case, version, out)
+        cert, key = pki.kms.write(tmp_path, "kms")
+        for version in ("-tls1_2", "-tls1_3"):
+            out = await s_client(proxy.port, ca, version, "-cert", str(cert), "-key", str(key))
+            assert "HTTP/1.1 200" in out and "alert" not in out, out
+
+
+async def test_resumed_session_is_still_checked_against_the_names_now_allowed(home: Home, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """A resumed TLS session verifies no certificate: the check after the handshake covers it."""
+    caplog.set_level(logging.INFO, logger="xks_proxy")
+
+    def ping(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
+            raw, server_hostname="localhost", session=session
+        ) as tls:
+            tls.sendall(b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            try:
+                answer = tls.recv(1024)
+            except (ssl.SSLError, OSError):
+                answer = b""
+            return answer, tls.session, tls.session_reused
+
+    ctx = pki.context(pki.kms)
+    async with running(home.path, reload_interval=0.1) as proxy:
+        answer, session, _ = await asyncio.to_thread(ping, proxy.port, ctx, None)
+        assert answer.startswith(b"HTTP/1.1 200") and session is not None
+        edit_config(home.path, lambda raw: raw["tls"].update(client_names=["xks-client.bank.example"]))
+        await eventually(lambda: asyncio.to_thread(lambda: not ping(proxy.port, ctx, None)[0]), what="the name is refused")
+        answer, _, reused = await asyncio.to_thread(ping, proxy.port, ctx, session)
+        assert reused and answer == b"", "a resumed session of a name no longer allowed gets no answer"
+    assert any("closed before any request" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+# --- suites: exactly the specification's, on both listeners ----------------------------------
+
+#: (openssl s_client arguments, the suite negotiated or None when the handshake must fail)
+SUITES: list[tuple[tuple[str, ...], str | None]] = [
+    (("-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"), "TLS_AES_256_GCM_SHA384"),
+    (("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"), "TLS_CHACHA20_POLY1305_SHA256"),
+    (("-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256"), None),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"), "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"), None),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"), None),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384"), None),  # CBC
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA"), None),  # CBC, SHA-1
+    (("-tls1_1", "-cipher", "ALL:@SECLEVEL=0"), None),
+]
+RSA_SUITES: list[tuple[tuple[str, ...], str | None]] = [
+    (("-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"), "ECDHE-RSA-AES256-GCM-SHA384"),
+    (("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"), None),
+    (("-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305"), None),
+    (("-tls1_2", "-cipher", "ECDHE-RSA-AES256-SHA384"), None),
+    (("-tls1_2", "-cipher", "AES256-GCM-SHA384"), None),  # no forward secrecy
+]
+
+
+async def _check_suites(port: int, ca: Path, cases: list[tuple[tuple[str, ...], str | None]]) -> None:
+    for args, expected in cases:
+        out = await s_client(port, ca, *args)
+        negotiated = re.search(r"Cipher is (\S+)", out)
+        got = negotiated.group(1) if negotiated and negotiated.group(1) != "(NONE)" else None
+        assert got == expected, (args, out)
+        assert ("HTTP/1.1 200" in out) == (expected is not None), (args, out)
+
+
+def _python_suite(port: int, ca: Path, tls12_cipher: str | None) -> tuple[str, str]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if tls12_cipher:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(tls12_cipher)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        name, version, _ = tls.cipher()  # type: ignore[misc]
+        return name, version
+
+
+async def test_xks_listener_offers_exactly_the_spec_suites(home: Home, pki: Pki, tmp_path: Path) -> None:
+    edit_config(home.path, lambda raw: raw.pop("tls"))  # plain TLS: s_client needs no client certificate
+    ca = tmp_path / "server-ca.pem"
+    ca.write_bytes(pki.server_ca.pem)
+    async with running(home.path) as proxy:
+        await _check_suites(proxy.port, ca, SUITES)
+        # Python's client (OpenSSL defaults, as most clients): TLS 1.3 with the server's first choice.
+        assert await asyncio.to_thread(_python_suite, proxy.port, ca, None) == ("TLS_AES_256_GCM_SHA384", "TLSv1.3")
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            await asyncio.to_thread(_python_suite, proxy.port, ca, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305")
+    pki.install_server_cert(pki.server_ca.leaf(dns=("localhost",), client=False, ip=True, rsa_key=True))
+    async with running(home.path) as proxy:  # an RSA certificate, as many public CAs issue
+        await _check_suites(proxy.port, ca, RSA_SUITES)
+        assert await asyncio.to_thread(_python_suite, proxy.port, ca, "ECDHE-RSA-AES256-GCM-SHA384") == (
+            "ECDHE-RSA-AES256-GCM-SHA384", "TLSv1.2",
+        )  # fmt: skip
+
+
+async def test_admin_listener_offers_the_same_suites(home: Home, pki: Pki, tmp_path: Path) -> None:
+    (home.path / "admin-jwt.secret").write_text("x" * 64 + "\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin_port = probe.getsockname()[1]
+    admin = {
+        "enabled": True, "host": "127.0.0.1", "port": admin_port, "tls_cert": "server-cert.pem", "tls_key": "server-key.pem",
+        "jwt": {"audience": "a", "issuer": "i", "hs256_secret_file": "admin-jwt.secret"},
+    }  # fmt: skip
+    edit_config(home.path, lambda raw: raw.update(admin=admin))
+    ca = tmp_path / "server-ca.pem"
+    ca.write_bytes(pki.server_ca.pem)
+    async with running(home.path):
+        # The admin API answers 401 to /ping without a token; what counts here is the suite.
+        for args, expected in SUITES:
+            out = await s_client(admin_port, ca, *args)
+            negotiated = re.search(r"Cipher is (\S+)", out)
+            got = negotiated.group(1) if negotiated and negotiated.group(1) != "(NONE)" else None
+            assert got == expected, (args, out)
 
 
 async def test_allowed_names_are_configurable_and_reload(home: Home, pki: Pki) -> None:

@@ -117,6 +117,14 @@ class ServerConfig:
     vendor: str = "xks-proxy"
     model: str = "xks-proxy-python"
     fleet_size: int = 1
+    #: A request's headers must arrive within this many seconds of its first byte (of the connection, for the first one).
+    header_timeout_seconds: float = 10.0
+    #: Its body within this many seconds of its headers. KMS sends a request at once: seconds, not minutes.
+    body_timeout_seconds: float = 10.0
+    #: A keep-alive connection with no request in progress is closed after this long.
+    idle_timeout_seconds: float = 75.0
+    #: Open connections per worker process; one more is closed at accept, before its TLS handshake.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +284,7 @@ def load(home: Path, shared: bool = True) -> Config:
 
     With a shared vault (`vault.dsn`) the stores come from the vault database, unless `shared`
     is False (then `stores` is empty: for commands that must work before the database does).
-    Raises keymanager.vault_storage.StorageUnavailable if that database does not answer.
+    Raises keymanager.base.StorageUnavailable if that database does not answer.
     """
     return from_raw(home, read_raw(home), shared)
 
@@ -469,6 +477,10 @@ def _server(home: Path, table: dict[str, Any]) -> ServerConfig:
         vendor=_get(table, "server.vendor", "vendor", str, "xks-proxy"),
         model=_get(table, "server.model", "model", str, "xks-proxy-python"),
         fleet_size=_int_range(table, "server.fleet_size", "fleet_size", 1, 1, 10_000),
+        header_timeout_seconds=_float_range(table, "server.header_timeout_seconds", "header_timeout_seconds", 10.0, 0.1, 300.0),
+        body_timeout_seconds=_float_range(table, "server.body_timeout_seconds", "body_timeout_seconds", 10.0, 0.1, 300.0),
+        idle_timeout_seconds=_float_range(table, "server.idle_timeout_seconds", "idle_timeout_seconds", 75.0, 1.0, 3600.0),
+        max_connections=_int_range(table, "server.max_connections", "max_connections", 1000, 1, 1_000_000),
     )
 
 

@@ -91,6 +91,20 @@ class DependencyTimeoutException(XksError):
     name, status = "DependencyTimeoutException", 503
 
 
+class RequestTimeout(XksError):
+    """The body did not arrive within server.body_timeout_seconds. Not in the spec (KMS sends a
+    request at once): a stalled client's outcome, answered 408 and the connection closed."""
+
+    name, status = "RequestTimeout", 408
+
+
+class ClientDisconnected(XksError):
+    """The client went away before its request arrived. Not in the spec and never sent (nobody
+    is left to read it); the audit outcome, with nginx's 499, so it is no 5xx of ours."""
+
+    name, status = "ClientDisconnected", 499
+
+
 ALL_ERRORS: tuple[type[XksError], ...] = (
     ValidationException,
     InvalidStateException,

@@ -3,7 +3,7 @@
 It knows key managers only through `keymanager.base.KeyManager`, and errors only through
 `xks_proxy.errors`: every failure becomes one single-line JSON body here, in `_respond_error`.
 Order of work per request: route (an unknown prefix or path is answered before any signature
-check), read the body under a cap, verify SigV4 against the store's credentials, check the
+check), read the body under a cap and a timeout, take an in-flight slot, verify SigV4 against the store's credentials, check the
 content type, parse and validate, charge the store's rate quota, apply the store's policy,
 call the key manager, answer, then one record to the access log, the audit log and the
 metrics. Admission control (throttle.py), policy (policy.py), audit (audit.py) and metrics
@@ -12,6 +12,7 @@ metrics. Admission control (throttle.py), policy (policy.py), audit (audit.py) a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from keymanager.base import KeyManager
 from keymanager.crypto import cdiv
@@ -29,10 +31,12 @@ from xks_proxy.access import audit
 from xks_proxy.config import KEY_ID_RE, Config, Store
 from xks_proxy.errors import (
     AccessDeniedException,
+    ClientDisconnected,
     InternalException,
     InvalidUriPathException,
     KeyNotFoundException,
     MethodNotAllowed,
+    RequestTimeout,
     ThrottlingException,
     UnsupportedOperationException,
     ValidationException,
@@ -165,18 +169,19 @@ class XksServer:
 
     async def _dispatch(self, request: web.Request, path: str, outcome: Outcome) -> dict[str, Any]:
         store, key_id = self._route(request, path, outcome)
+        # The whole body first, under its timeout: a client that stalls holds no in-flight slot.
+        body = await self._read_body(request)
         if not self.throttle.enter():
             self.metrics.throttled(store.prefix, "in_flight")
             raise ThrottlingException("the proxy is at its limit of requests in flight; retry")
         try:
-            return await self._admitted(request, path, store, key_id, outcome)
+            return await self._admitted(request, path, store, key_id, body, outcome)
         finally:
             self.throttle.leave()
 
     async def _admitted(
-        self, request: web.Request, path: str, store: Store, key_id: str | None, outcome: Outcome
+        self, request: web.Request, path: str, store: Store, key_id: str | None, body: bytes, outcome: Outcome
     ) -> dict[str, Any]:
-        body = await self._read_body(request)
         headers = {name.lower(): request.headers.getall(name) for name in request.headers.keys()}
         sigv4.verify(
             method=request.method,
@@ -216,13 +221,22 @@ class XksServer:
             self.metrics.keymanager(operation, time.perf_counter() - started)
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The body, whole, within server.body_timeout_seconds of the headers (KMS sends it at once)."""
         cap = self.config.limits.max_body_bytes
         if request.content_length is not None and request.content_length > cap:
             raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit")
+        seconds = self.config.server.body_timeout_seconds
         try:
-            return await request.read()
+            async with asyncio.timeout(seconds):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit") from None
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
+        except ConnectionError:
+            raise ClientDisconnected("the client disconnected before its request body arrived") from None
+        except RequestPayloadError:
+            raise ValidationException("the request body is not well-formed HTTP (chunked encoding)") from None
 
     async def _health(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
         details = await self._timed("health", self.key_manager.health())
@@ -286,7 +300,10 @@ class XksServer:
     @staticmethod
     def _respond_error(exc: XksError) -> web.Response:
         headers = {"Allow": "POST"} if isinstance(exc, MethodNotAllowed) else None
-        return web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
+        response = web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
+        if isinstance(exc, (RequestTimeout, ClientDisconnected)):
+            response.force_close()  # a stalled or vanished client gets no further request on this connection
+        return response
 
     def _log(self, outcome: Outcome, status: int, started: float, request: web.Request) -> None:
         """One JSON record per request to the access log and the audit log; never data or secrets."""

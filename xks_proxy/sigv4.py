@@ -141,7 +141,11 @@ def string_to_sign(
             body_sha256,
         )
     )
-    return "\n".join((ALGORITHM, amz_date, scope, hashlib.sha256(request.encode()).hexdigest()))
+    try:
+        encoded = request.encode()
+    except UnicodeEncodeError:  # bytes >= 0x80 that are not UTF-8 (HTTP parsers keep them as surrogates)
+        raise AuthenticationFailedException("a signed header or the path holds bytes that are not UTF-8") from None
+    return "\n".join((ALGORITHM, amz_date, scope, hashlib.sha256(encoded).hexdigest()))
 
 
 def parse_amz_date(value: str | None) -> float:

@@ -6,10 +6,13 @@
 #   deploy/fleet/run-local.sh start DIR [N]    start N proxies (default 2) with everything under DIR
 #   deploy/fleet/run-local.sh roll DIR [K...]  restart proxies K (default all) one at a time, as a
 #                                              rolling upgrade does: drain, stop, (upgrade), start
+#   deploy/fleet/run-local.sh restart DIR K... stop (if still running) and start proxies K at once,
+#                                              without draining: what to do after a proxy crashed
 #   deploy/fleet/run-local.sh stop DIR         stop all of it (the data stays in DIR)
 #
-# Environment (defaults): XKS_PROXY (xks-proxy: the command to run), XKS_HTTPS_PORT (8443, the
-# HTTPS endpoint), XKS_BASE_PORT (9001: proxy k listens on BASE+k-1, plain HTTP on 127.0.0.1),
+# Environment (defaults): XKS_PROXY (xks-proxy: the command to run), XKS_HTTPS_ADDR (127.0.0.1:
+# the address HAProxy's HTTPS endpoint binds; 0.0.0.0 for every interface), XKS_HTTPS_PORT (8443),
+# XKS_BASE_PORT (9001: proxy k listens on BASE+k-1, plain HTTP on 127.0.0.1 only),
 # XKS_PG_PORT (55432), XKS_WORKERS (1 per proxy), XKS_PREFIX (xks), XKS_REGION (us-east-1).
 # Run as root, PostgreSQL runs as the `postgres` user, which must be able to reach DIR.
 #
@@ -19,7 +22,7 @@
 # development certificate for localhost, with its key), *.log and *.pid.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" >&2; exit 2; }
+usage() { sed -n '2,17p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1
 dir=$(realpath -m "$2")
@@ -27,6 +30,7 @@ shift 2
 count=${1:-2}
 here=$(cd "$(dirname "$0")" && pwd)
 read -ra xks <<< "${XKS_PROXY:-xks-proxy}"
+https_addr=${XKS_HTTPS_ADDR:-127.0.0.1}
 https_port=${XKS_HTTPS_PORT:-8443}
 base_port=${XKS_BASE_PORT:-9001}
 pg_port=${XKS_PG_PORT:-55432}
@@ -101,13 +105,13 @@ start_proxies() {
 roll_proxy() {  # roll_proxy K: the rolling-upgrade step for one proxy (docs/fleet.md)
   local k=$1 port=$((base_port + $1 - 1))
   "${xks[@]}" fleet drain --home "$dir/home-$k" >/dev/null      # its GET /ping answers 503 ...
-  sleep 2                       # ... and HAProxy takes it out after two failed checks 500 ms apart
+  sleep 2                       # ... and HAProxy takes it out after two failed checks (within 0.75 s)
   stop_pidfile "$dir/proxy-$k.pid"                              # in-flight requests finish
   # (an upgrade happens here: a new package, image or virtualenv)
   "${xks[@]}" fleet resume --home "$dir/home-$k" >/dev/null
   start_proxy "$k"
   wait_for "proxy $k" curl -sf "http://127.0.0.1:$port/ping"
-  sleep 3                       # HAProxy puts it back after two good checks (1 s apart while down)
+  sleep 2                       # HAProxy puts it back after two good checks (within 0.75 s)
   echo "rolled proxy $k"
 }
 
@@ -119,10 +123,13 @@ start_haproxy() {
     upstreams+=("XKS_UPSTREAM_$k=127.0.0.1:$((base_port + k - 1))")
     if [ "$k" -gt 2 ]; then echo "    server proxy$k \"\${XKS_UPSTREAM_$k}\"" >> "$dir/haproxy.cfg"; fi
   done
-  env XKS_TLS_PEM="$dir/haproxy.pem" XKS_HTTPS_PORT="$https_port" "${upstreams[@]}" \
+  env XKS_TLS_PEM="$dir/haproxy.pem" XKS_HTTPS_ADDR="$https_addr" XKS_HTTPS_PORT="$https_port" "${upstreams[@]}" \
     setsid haproxy -W -db -f "$dir/haproxy.cfg" >>"$dir/haproxy.log" 2>&1 < /dev/null &
   echo $! > "$dir/haproxy.pid"
-  wait_for "haproxy" curl -sf --cacert "$dir/home-1/tls/ca.pem" "https://localhost:$https_port/ping"
+  local probe=$https_addr       # the development certificate names localhost: connect to the address
+  case $probe in 0.0.0.0) probe=127.0.0.1 ;; ::) probe=::1 ;; esac
+  wait_for "haproxy" curl -sf --cacert "$dir/home-1/tls/ca.pem" --resolve "localhost:$https_port:$probe" \
+    "https://localhost:$https_port/ping"
 }
 
 stop_pidfile() {  # TERM the process group, wait up to 15 s
@@ -146,6 +153,7 @@ case $action in
     cat <<EOF
 Fleet of $count proxies running under $dir
   endpoint:   https://localhost:$https_port/$prefix/kms/xks/v1   (CA: $dir/home-1/tls/ca.pem)
+  listening:  HAProxy on $https_addr:$https_port
   proxies:    http://127.0.0.1:$base_port .. $((base_port + count - 1))  (logs: $dir/proxy-*.log)
   database:   postgresql://xks@127.0.0.1:$pg_port/xks  (connection string with password: $dir/pg.dsn)
   credential: ${xks[*]} stores export --home $dir/home-1
@@ -156,13 +164,19 @@ EOF
   roll)
     proxies=("$@")
     if [ ${#proxies[@]} -eq 0 ]; then
-      for home in "$dir"/home-*; do proxies+=("${home##*-}"); done
+      for home in "$dir"/home-*/; do home=${home%/}; proxies+=("${home##*-}"); done  # not home-1.init.txt
     fi
     for k in "${proxies[@]}"; do roll_proxy "$k"; done
     ;;
+  restart)
+    [ $# -ge 1 ] || usage
+    for k in "$@"; do stop_pidfile "$dir/proxy-$k.pid"; start_proxy "$k"; done
+    for k in "$@"; do wait_for "proxy $k" curl -sf "http://127.0.0.1:$((base_port + k - 1))/ping"; done
+    ;;
   stop)
     stop_pidfile "$dir/haproxy.pid"
-    for file in "$dir"/proxy-*.pid; do stop_pidfile "$file"; done
+    for file in "$dir"/proxy-*.pid; do stop_pidfile "$file" & done   # all at once: each may take seconds
+    wait
     if [ -d "$dir/pg/data" ]; then "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -m fast -w stop >/dev/null || true; fi
     ;;
   *) usage ;;

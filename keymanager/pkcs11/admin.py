@@ -18,6 +18,7 @@ from keymanager.pkcs11.token import (
     find,
     lost_or_failed,
     scan,
+    signals_deferred,
 )
 
 
@@ -49,16 +50,18 @@ class Pkcs11Admin:
     def __init__(self, config: Any) -> None:  # a Pkcs11Config
         self._config = config
         try:
-            library = Library.get(config.module)
-            token = library.token(config.token_label, config.slot)
-            self._session = library.session(token, config.pin, rw=True)
+            with signals_deferred():  # a Ctrl-C or SIGTERM lands after the login, never inside it
+                library = Library.get(config.module)
+                token = library.token(config.token_label, config.slot)
+                self._session = library.session(token, config.pin, rw=True)
         except HsmError as exc:
             raise KeyAdminError(str(exc)) from None
         self.token_label: str = token.label
 
     def close(self) -> None:
         try:
-            self._session.close()
+            with signals_deferred():
+                self._session.close()
         except PKCS11Error:
             pass
 
@@ -83,9 +86,10 @@ class Pkcs11Admin:
         if self._lookup(label) is not None:
             raise KeyAdminError(f"a key labelled {label} already exists in the token")
         try:
-            obj = self._session.generate_key(
-                KeyType.AES, 256, label=label, store=True, capabilities=0, template=key_template(usage)
-            )
+            with signals_deferred():  # C_GenerateKey writes the token file
+                obj = self._session.generate_key(
+                    KeyType.AES, 256, label=label, store=True, capabilities=0, template=key_template(usage)
+                )
         except PKCS11Error as exc:
             raise KeyAdminError(f"the HSM refused to generate {label}: {ckr_name(exc)}") from None
         return describe(obj)

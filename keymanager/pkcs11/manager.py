@@ -95,6 +95,7 @@ class Pkcs11KeyManager(KeyManager):
         self._recovery: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._scanning = False
+        self._closed = False  # close() saw every session closed, with no call left in the library
         self._failures: deque[float] = deque(maxlen=256)
         self._health: tuple[float, HealthState] | None = None  # (valid until, state) when slow
         self._ekm_id = f"pkcs11:{config.token_label or (f'slot {config.slot}' if config.slot is not None else 'first token')}"
@@ -134,10 +135,19 @@ class Pkcs11KeyManager(KeyManager):
         closing = asyncio.get_running_loop().run_in_executor(self._control, _close_all, sessions)
         try:
             await asyncio.wait_for(closing, 2.0)
+            self._closed = True
         except TimeoutError:
             log.warning("the HSM did not close its sessions within 2 s; leaving them to the library")
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._control.shutdown(wait=False, cancel_futures=True)
+
+    def release(self) -> None:
+        """C_Finalize the module as the process exits, unless a call is still inside it (a hung HSM:
+        finalising under it is undefined; the exit then leaves the module to the OS)."""
+        if self._library is not None and self._closed and not self._busy:
+            self._library.finalize()
+        elif self._library is not None:
+            log.warning("exiting with HSM calls still in progress (%d requests)", self._busy)
 
     async def _connect(self, seen_generation: int | None) -> None:
         """Open the pool (after re-initialising the library if `seen_generation` is given)."""

@@ -4,13 +4,17 @@ Why the listener accepts plain TCP and starts TLS itself (`TlsSite`): asyncio fi
 SSLContext per listening socket, and a context can never forget a CA it has loaded. Starting
 TLS per connection with whichever context is current lets a new server certificate, key or
 client CA bundle take effect for new connections at once, while connections in flight keep the
-context they were accepted with. The same place checks the client certificate's names after
-the handshake and before a single byte of HTTP reaches aiohttp, so a certificate that chains
-to the trusted CA but names someone else never gets a request read.
+context they were accepted with.
 
-Refusals are logged with the peer address and the reason (for a name mismatch, the names
-presented), and counted in metrics. A broken or expired new certificate is refused at reload;
-the old context keeps serving.
+The client certificate's names are checked inside the handshake (an OpenSSL verify callback,
+see tlshooks), so a certificate that chains to the trusted CA but names someone else gets a
+`bad_certificate` alert; they are checked again after the handshake, before a single byte of
+HTTP reaches aiohttp, for resumed sessions (which verify no certificate). Every refused
+handshake sends OpenSSL's alert, which names the reason (`_AlertingSslProtocol`).
+
+Refusals are logged at INFO with the peer address and the reason (for a name mismatch, the
+names presented), and counted in metrics. A broken or expired new certificate is refused at
+reload; the old context keeps serving.
 """
 
 from __future__ import annotations
@@ -21,20 +25,29 @@ import logging
 import os
 import socket
 import ssl
-from dataclasses import dataclass
+import threading
+from asyncio import sslproto
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
 from cryptography import x509
 
+from xks_proxy.access import tlshooks
 from xks_proxy.config import Config
+from xks_proxy.access.connections import Guards, GuardedSite, Slot, peer_of
 from xks_proxy.access.metrics import NoMetrics
 
 log = logging.getLogger("xks_proxy.tls")
 
 HANDSHAKE_TIMEOUT = 10.0
-_TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+#: Exactly the suites the XKS specification says KMS accepts, nothing more: KMS offers no other,
+#: so another suite could only ever serve some other client. All AEAD, all forward secret.
+#: TLS 1.2: no CHACHA20 (not on the list), no AES128-GCM (not on it either).
+TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+#: TLS 1.3: without TLS_AES_128_GCM_SHA256, which OpenSSL offers by default (set through tlshooks).
+TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
 class TlsError(Exception):
@@ -72,14 +85,41 @@ class LoadedTls:
     mutual: bool
     #: certificate label -> notAfter as a POSIX timestamp (for the expiry metric).
     expiry: dict[str, float]
+    #: The ctypes verify callback checking client names in the handshake: referenced here, since
+    #: OpenSSL calls it for as long as the context serves (None: names checked after the handshake).
+    name_hook: object = None
+
+
+def server_context() -> ssl.SSLContext:
+    """The base of every server context we make (XKS and admin listeners): TLS 1.2+, the spec's suites.
+
+    One function, so the two listeners cannot drift apart. Without the ctypes hook (see
+    tlshooks), TLS 1.3 keeps OpenSSL's default suites, which are AEAD too; logged once.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    try:
+        tlshooks.set_tls13_suites(ctx, TLS13_SUITES)
+    except tlshooks.HookError as exc:
+        _once(f"TLS 1.3 offers OpenSSL's default suites (TLS_AES_128_GCM_SHA256 too): {exc}")
+    return ctx
+
+
+_said: set[str] = set()
+
+
+def _once(message: str) -> None:
+    """A warning about this process's OpenSSL: once, not once per context or connection."""
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
 
 
 def load_tls(files: TlsFiles) -> LoadedTls:
-    """A server context as KMS accepts it: TLS 1.2+, the spec's AEAD suites, client cert if configured."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(_TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    """A server context as KMS accepts it: `server_context`, the certificate, client cert if configured."""
+    ctx = server_context()
     leaf = _first_cert(files.cert, "server.tls_cert")
     try:
         ctx.load_cert_chain(files.cert, files.key, password=_no_password)
@@ -169,6 +209,32 @@ def presented_names(peercert: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName")
 
 
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """`presented_names` of a parsed certificate (the handshake's check sees DER, not Python's dict)."""
+    try:
+        dns = tuple(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        dns = ()
+    if dns:
+        return dns
+    return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
+
+
+#: Names of the client certificate the verify callback just refused, for `handshake_refused`'s
+#: line. Per thread: set and taken within one `do_handshake` call on the event loop's thread.
+_refusal = threading.local()
+
+
+def _note_refusal(exc: BaseException) -> None:
+    """Carry the names refused in this handshake (if it was the name check) on its exception."""
+    names, _refusal.names = getattr(_refusal, "names", None), None
+    if names is not None:
+        try:
+            exc.client_names = names  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+
+
 class TlsManager:
     """The current TLS context and allowed client names, swapped whole on reload."""
 
@@ -176,8 +242,40 @@ class TlsManager:
         self._metrics = metrics
         self._files = TlsFiles.of(config)
         self._signature = self._files.signature()
-        self.current = load_tls(self._files)
         self.allowed_names = config.tls.client_names
+        self.current = self._load()
+
+    def _load(self) -> LoadedTls:
+        """`load_tls`, plus the client name check inside the handshake when mutual TLS is on.
+
+        The check reads `allowed_names` at each handshake, so a reload of the names needs no
+        new context. If the hook cannot be installed, the check after the handshake (which
+        always runs too, and also covers resumed sessions) is the only one: logged once.
+        """
+        loaded = load_tls(self._files)
+        if not loaded.mutual:
+            return loaded
+        try:
+            hook = tlshooks.check_leaf_in_handshake(loaded.context, self._leaf_allowed)
+        except tlshooks.HookError as exc:
+            _once(f"client names are checked after the TLS handshake (a refusal is a close without an alert): {exc}")
+            return loaded
+        return replace(loaded, name_hook=hook)
+
+    def _leaf_allowed(self, der: bytes) -> bool:
+        """The handshake's name check, called by OpenSSL on the event loop's thread."""
+        names = certificate_names(x509.load_der_x509_certificate(der))
+        if self._allows(names):
+            return True
+        _refusal.names = names
+        return False
+
+    def _allows(self, names: tuple[str, ...]) -> bool:
+        return any(name.lower() in self.allowed_names for name in names)
+
+    def _names_refused(self, names: tuple[str, ...]) -> str:
+        presented = ", ".join(repr(n) for n in names) or "(none)"
+        return f"client certificate names {presented}; allowed: {', '.join(sorted(self.allowed_names))}"
 
     def configure(self, config: Config) -> None:
         """A new configuration: new allowed names now; new file paths at the next `poll`."""
@@ -197,7 +295,7 @@ class TlsManager:
         if signature == self._signature and not force:
             return None
         self._signature = signature
-        return load_tls(self._files)
+        return self._load()
 
     def install(self, loaded: LoadedTls) -> None:
         self.current = loaded
@@ -205,66 +303,140 @@ class TlsManager:
     def expiry(self) -> dict[str, float]:
         return self.current.expiry
 
+    # Every refusal is one INFO line with the peer and the reason. INFO, not WARNING: anyone who
+    # can reach the port causes refusals at will, so they must not look like (or page as) our
+    # own trouble; `xks_tls_refused_total{reason}` is what to alert on.
+
     def handshake_refused(self, peer: str, exc: BaseException) -> None:
-        level = logging.WARNING if isinstance(exc, ssl.SSLCertVerificationError) else logging.INFO
-        log.log(level, "TLS handshake from %s refused: %s", peer, _reason(exc))
-        self._metrics.tls_refused("handshake")
+        names = getattr(exc, "client_names", None)
+        if names is None:
+            log.info("TLS handshake from %s refused: %s", peer, _reason(exc))
+            self._metrics.tls_refused("handshake")
+        else:
+            log.info("TLS handshake from %s refused: %s", peer, self._names_refused(names))
+            self._metrics.tls_refused("client_name")
 
     def name_allowed(self, peercert: dict[str, Any] | None, peer: str) -> bool:
+        """The check after the handshake: for a resumed session, or when the hook is missing."""
         names = presented_names(peercert)
-        if any(name.lower() in self.allowed_names for name in names):
+        if self._allows(names):
             return True
-        log.warning(
-            "TLS connection from %s closed before any request: client certificate names %s; allowed: %s",
-            peer,
-            ", ".join(repr(n) for n in names) or "(none)",
-            ", ".join(sorted(self.allowed_names)),
-        )
+        log.info("TLS connection from %s closed before any request: %s", peer, self._names_refused(names))
         self._metrics.tls_refused("client_name")
         return False
 
 
-class _TlsConnection(asyncio.Protocol):
-    """One accepted TCP connection: TLS with the context current now, the name check, then HTTP."""
+class _AlertingSslProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, except that a refused handshake sends its alert before closing.
 
-    def __init__(self, tls: TlsManager, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
+    OpenSSL writes the alert that names the reason (certificate required, unknown CA, bad
+    certificate, ...) into the outgoing BIO; asyncio then closes the socket without sending it,
+    and the client sees a bare close. Sent here first; the close follows as before.
+    """
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            _note_refusal(handshake_exc)
+            alert = self._outgoing.read()
+            if alert and self._transport is not None and not self._transport.is_closing():
+                self._transport.write(alert)
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _LeanSslProtocol(_AlertingSslProtocol):
+    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB, allocated on first read.
+
+    asyncio allocates (and zero-fills) `max_size` bytes per connection at once: 1,000 idle
+    connections cost 256 MB, and glibc keeps much of it after they close. A TLS record is at
+    most 16 KiB plus a few bytes, and XKS requests are a few KiB, so 16 KiB reads lose nothing
+    that matters; a connection that never sends its ClientHello costs no buffer at all.
+    """
+
+    max_size = 16 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_buffer = bytearray()  # get_buffer() grows it to max_size when bytes arrive
+        self._ssl_buffer_view = memoryview(self._ssl_buffer)
+
+
+async def _start_tls(
+    loop: asyncio.AbstractEventLoop, raw: asyncio.Transport, protocol: asyncio.BaseProtocol, context: ssl.SSLContext
+) -> asyncio.Transport:
+    """`loop.start_tls(server_side=True)` (CPython's own steps) with `_LeanSslProtocol`."""
+    waiter = loop.create_future()
+    tls = _LeanSslProtocol(
+        loop, protocol, context, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT, call_connection_made=False
+    )
+    raw.pause_reading()
+    raw.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, raw)
+    resume = loop.call_soon(raw.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        raw.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return tls._app_transport  # type: ignore[no-any-return]
+
+
+class _TlsConnection(asyncio.Protocol):
+    """One accepted TCP connection: under the cap, TLS with the context current now, the name check, then HTTP."""
+
+    def __init__(self, tls: TlsManager, guards: Guards, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
         self._tls = tls
+        self._guards = guards
         self._http = http
         self._loop = loop
         self._pending: list[bytes] = []
         self._closed = False
+        self._slot: Slot | None = None
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._slot = self._guards.accept(peer_of(transport))
+        if self._slot is None:  # over the cap: closed before a handshake costs anything
+            transport.abort()
+            return
         transport.pause_reading()  # the ClientHello waits in the kernel until start_tls takes over
-        self._task = self._loop.create_task(self._start(transport))
+        self._task = self._loop.create_task(self._start(transport, self._slot))
 
-    async def _start(self, raw: asyncio.Transport) -> None:
-        peer = _peer(raw)
+    async def _start(self, raw: asyncio.Transport, slot: Slot) -> None:
+        handed_over = False
+        try:
+            handed_over = await self._handshake(raw, slot)
+        finally:
+            if not handed_over:
+                slot.release()
+
+    async def _handshake(self, raw: asyncio.Transport, slot: Slot) -> bool:
+        """True once the connection belongs to its guard (which then releases the slot)."""
+        peer = peer_of(raw)
         loaded = self._tls.current
         try:
-            tls = await self._loop.start_tls(
-                raw, self, loaded.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
-            )
+            tls = await _start_tls(self._loop, raw, self, loaded.context)
         except asyncio.CancelledError:
             raw.abort()
             raise
-        except Exception as exc:  # start_tls has closed the connection
+        except Exception as exc:  # the connection is closed
             self._tls.handshake_refused(peer, exc)
-            return
+            return False
         if self._closed or tls is None or tls.is_closing():
-            return
+            return False
         if loaded.mutual and not self._tls.name_allowed(tls.get_extra_info("peercert"), peer):
             self._pending.clear()
             tls.abort()
-            return
-        http = self._http()
-        tls.set_protocol(http)
-        http.connection_made(tls)
+            return False
+        guard = self._guards.guard(self._http(), slot)
+        tls.set_protocol(guard)
+        guard.connection_made(tls)
         for chunk in self._pending:
-            http.data_received(chunk)
+            guard.data_received(chunk)
         self._pending.clear()
+        return True
 
     def data_received(self, data: bytes) -> None:
         """Decrypted bytes that arrive before the name check: held, never parsed unless it passes."""
@@ -279,43 +451,17 @@ class _TlsConnection(asyncio.Protocol):
         self._pending.clear()
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+class TlsSite(GuardedSite):
+    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring)."""
 
-
-class TlsSite(web.BaseSite):
-    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring).
-
-    Listens on `sock` when given (a socket the supervisor bound and shares with its workers),
-    else binds `host`:`port` itself.
-    """
+    scheme = "https"
 
     def __init__(
-        self, runner: web.BaseRunner, tls: TlsManager, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
-    ) -> None:
-        super().__init__(runner, backlog=2048)
-        self._host = host
-        self._port = port
-        self._sock = sock
+        self, runner: web.BaseRunner, tls: TlsManager, guards: Guards, host: str = "127.0.0.1", port: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(runner, guards, host, port, sock)
         self._tls = tls
 
-    @property
-    def name(self) -> str:
-        return f"https://{self._host}:{self.port}"
-
-    @property
-    def port(self) -> int:
-        if self._server is not None and self._server.sockets:  # type: ignore[attr-defined]
-            return int(self._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        return self._port
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        http = self._runner.server
-        assert http is not None
-        where: dict[str, Any] = {"sock": self._sock} if self._sock else {"host": self._host, "port": self._port, "reuse_address": True}
-        self._server = await loop.create_server(lambda: _TlsConnection(self._tls, http, loop), backlog=self._backlog, **where)
+    def connection(self, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        return _TlsConnection(self._tls, self.guards, http, loop)

@@ -53,6 +53,7 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
+from xks_proxy.access.mtls import server_context
 
 log = logging.getLogger("xks_proxy.admin")
 
@@ -334,9 +335,9 @@ def _error(exc: XksError) -> web.Response:
 
 
 def tls_context(admin: AdminConfig) -> ssl.SSLContext:
+    """The XKS listener's TLS settings (versions, AEAD suites, no renegotiation) with the admin certificate."""
     assert admin.tls_cert is not None and admin.tls_key is not None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = server_context()
     ctx.load_cert_chain(admin.tls_cert, admin.tls_key)
     return ctx
 

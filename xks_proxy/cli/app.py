@@ -13,6 +13,8 @@ import getpass
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -163,7 +165,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xks_proxy.process.runner import serve
+    from xks_proxy.process.runner import ListenError, serve
 
     _setup_logging(args.log_level)
     config = configmod.load(configmod.home_dir(args.home), shared=False)
@@ -171,26 +173,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from xks_proxy.fleet.member import wait_for_stores
 
         config = wait_for_stores(config)
-    return serve(config, host=args.host, port=args.port, plain_http=args.http, workers=args.workers)
+    try:
+        return serve(config, host=args.host, port=args.port, plain_http=args.http, workers=args.workers)
+    except ListenError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """runner.listen, its refusal as a one-line CommandError."""
+    from xks_proxy.process.runner import ListenError, listen
+
+    try:
+        return listen(host, port)
+    except ListenError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xks_proxy.cli.home import init_home
+    """Bind first, then make the home and print how to call it: a failed start prints no credentials."""
     from xks_proxy.process.runner import serve
 
-    home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="xks-demo-"))
     port = args.port or 8443
-    akid, secret = init_home(home, "demo", "us-east-1", port)
-    config = configmod.load(home)
-    from keymanager.base import parse_usage
-
-    db = _vault(config)
+    host = args.host or "127.0.0.1"  # what init_home writes as server.host
+    sock = _listen(host, port)
     try:
-        db.create_key("demo", "foo", parse_usage("ENCRYPT,DECRYPT"))
-    finally:
-        db.close()
+        home, akid, secret = _demo_home(args.home, port)
+    except BaseException:
+        sock.close()
+        raise
+    config = configmod.load(home)
     scheme = "http" if args.http else "https"
-    host = args.host or config.server.host
     print(
         "\n".join(
             [
@@ -213,11 +225,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     _setup_logging(args.log_level)
-    return serve(config, host=args.host, port=port, plain_http=args.http, workers=args.workers)
+    return serve(config, host=host, port=port, plain_http=args.http, workers=args.workers, sock=sock)
+
+
+def _demo_home(where: str | None, port: int) -> tuple[Path, str, str]:
+    """A new home with key 'foo': (home, access key id, secret). Removed again if making it fails."""
+    from keymanager.base import parse_usage
+    from xks_proxy.cli.home import init_home
+
+    home = Path(where).resolve() if where else Path(tempfile.mkdtemp(prefix="xks-demo-"))
+    existed = where is not None and home.exists()
+    try:
+        akid, secret = init_home(home, "demo", "us-east-1", port)
+        db = _vault(configmod.load(home))
+        try:
+            db.create_key("demo", "foo", parse_usage("ENCRYPT,DECRYPT"))
+        finally:
+            db.close()
+    except BaseException:
+        if not existed:
+            shutil.rmtree(home, ignore_errors=True)
+        raise
+    return home, akid, secret
 
 
 def _setup_logging(level: str) -> None:
-    """The server log on stderr, written in batches (see xks_proxy/logsink.py)."""
+    """The server log on stderr, written in batches (see xks_proxy/process/logsink.py)."""
     from xks_proxy.process.logsink import BatchHandler
 
     # Records never show thread, process or caller: don't compute them per request.

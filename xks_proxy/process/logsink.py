@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -54,6 +55,9 @@ class LineBatch:
                 logging.getLogger("xks_proxy").exception("could not write %d log record(s)", len(lines))
 
     def _run(self) -> None:
+        # Process signals go to the main thread, whose handlers must run: one taken by this
+        # thread while the main thread sleeps in os.wait() (the supervisor) is never handled.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
         while not self._stop.wait(self._interval):
             self.flush()
 

@@ -7,7 +7,7 @@ one worker in-process, or supervises several.
 
 With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
 build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
-fork), restarts a worker that dies (but stops when a worker cannot start at all, see
+fork): worker 0 alone first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that dies (but stops when a worker cannot start at all, see
 EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
 reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
 process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
@@ -17,6 +17,7 @@ admin listener (admin.py), if enabled, runs in one process only (worker 0): its 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import select
@@ -26,6 +27,8 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Callable, Coroutine
 
 from aiohttp import web
 
@@ -33,6 +36,7 @@ from keymanager import create_key_manager
 from xks_proxy.access import audit
 from xks_proxy.access.audit import AuditLog
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.access.connections import GuardedSite, Guards, redact_aiohttp_logs
 from xks_proxy.errors import XksError
 from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
 from xks_proxy.access.mtls import TlsError, TlsManager, TlsSite
@@ -43,6 +47,9 @@ log = logging.getLogger("xks_proxy")
 #: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
 #: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
 EXIT_CANNOT_START = 3
+#: How long a stop waits for a start-up still inside the key manager (an HSM login) before exiting.
+STOP_GRACE_SECONDS = 15.0
+_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class Running:
     tls: TlsManager | None
     reloader: Reloader
     metrics_port: int | None = None
+    guards: Guards | None = None  # open connections of the XKS listener
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _audit: AuditLog | None = None
@@ -114,12 +122,19 @@ async def start(
 
         admin_api.attach(app, config, key_manager)
     try:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+        guards = Guards(config.server)
+        app.middlewares.append(guards.middleware)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=10, logger=redact_aiohttp_logs(),
+            keepalive_timeout=config.server.idle_timeout_seconds,  # the guard's idle deadline enforces the same
+            lingering_time=2.0,  # after an answer sent before the body was read (413, 408): not aiohttp's 10 s
+        )  # fmt: skip
         await runner.setup()
         running._runners.append(runner)
-        site = TlsSite(runner, tls, host, port, sock) if tls else (web.SockSite(runner, sock) if sock else web.TCPSite(runner, host, port))
+        site = TlsSite(runner, tls, guards, host, port, sock) if tls else GuardedSite(runner, guards, host, port, sock)
         await site.start()
-        running.port = sock.getsockname()[1] if sock else (site.port if isinstance(site, TlsSite) else runner.addresses[0][1])
+        running.port = sock.getsockname()[1] if sock else site.port
+        running.guards = guards
         if isinstance(metrics, Metrics):
             running._tasks.append(asyncio.create_task(metrics.watch_health(server.key_manager)))
             if shared is None:  # one process serves its own metrics; workers' are served by the sidecar
@@ -146,9 +161,14 @@ async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> 
 
 
 def serve(
-    config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1
+    config: Config, host: str | None = None, port: int | None = None, plain_http: bool = False, workers: int = 1,
+    sock: socket.socket | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer)."""
+    """Serve until SIGINT/SIGTERM, reloading on SIGHUP. HTTPS unless `plain_http` (behind a TLS-terminating balancer).
+
+    On `sock` if given (bound by `listen` before anything was printed), else on host:port.
+    Raises ListenError when host:port cannot be bound.
+    """
     host = host or config.server.host
     port = config.server.port if port is None else port
     if not plain_http:
@@ -158,52 +178,136 @@ def serve(
             raise ConfigError(str(exc)) from None
     if config.audit.path is not None:
         audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
-    sock = _listen(host, port)
+    sock = listen(host, port) if sock is None else sock
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
-    log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a handler is in place, a reload signal must not kill
-    if workers <= 1:
-        asyncio.run(_serve_worker(config, sock, plain_http, None))
-        return 0
-    return _supervise(config, sock, plain_http, workers)
+    announce = partial(
+        log.info, "serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers
+    )
+    # Stop and reload signals wait (blocked) until a handler that defers them is in place: a
+    # process killed inside a PKCS#11 call (a login rewrites SoftHSM's token file) can lose every key.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    try:
+        if workers <= 1:
+            asyncio.run(_serve_worker(config, sock, plain_http, None, announce))
+            return 0
+        return _supervise(config, sock, plain_http, workers, announce)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _wait_ready(ready: int) -> bool:
+    """Whether the worker writing to this pipe came up: a byte once it serves, EOF if it died first."""
+    try:
+        return os.read(ready, 1) == b"+"
+    finally:
+        os.close(ready)
+
+
+def _report_ready(ready: int) -> None:
+    os.write(ready, b"+")
+    os.close(ready)
+
+
+class ListenError(Exception):
+    """host:port cannot be listened on (in use, not an address of this machine, ...), as one line."""
+
+
+#: What to tell the operator beside the system's words, for the usual reasons.
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "ports below 1024 need privileges",
+}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket the workers share. Bound before the server says or makes anything, so a
+    port in use or a foreign address is one ListenError line, with no claim of success before it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = _LISTEN_HINTS.get(exc.errno or 0)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}" + (f" ({hint})" if hint else "")) from None
     sock.set_inheritable(True)
     return sock
 
 
-async def _serve_worker(config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None) -> None:
-    running = await start(config, plain_http=plain_http, sock=sock, shared=shared)
+async def _serve_worker(
+    config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None, ready: Callable[[], object]
+) -> None:
+    """Start, call `ready()`, serve until SIGTERM/SIGINT, close. Entered with those signals blocked.
+
+    From here on a stop only sets an event: one that arrives while the key manager starts (an
+    HSM login in progress) waits for the start to return, then closes the sessions and exits,
+    so no PKCS#11 call is ever cut short by a signal (bounded by STOP_GRACE_SECONDS).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.reloader.trigger)
+    running: Running | None = None
+    loop.add_signal_handler(signal.SIGINT, _stop_once, loop, stop)
+    loop.add_signal_handler(signal.SIGTERM, _stop_once, loop, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: running.reloader.trigger() if running else None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    running = await _start_unless_stopped(start(config, plain_http=plain_http, sock=sock, shared=shared), stop)
+    if running is None:
+        return
     try:
+        ready()
         await stop.wait()
     finally:
         await running.close()
+        running.server.key_manager.release()
 
 
-def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int) -> int:
+def _stop_once(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT stops; later ones are ignored. A worker gets two (the process
+    group's and the supervisor's copy), and one landing while asyncio closes its loop prints a
+    traceback (CPython closes the wakeup pipe before it removes the handlers)."""
+    stop.set()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def _start_unless_stopped(starting: Coroutine[Any, Any, Running], stop: asyncio.Event) -> Running | None:
+    """The started worker, or None if a stop came first (the start is let finish, then closed)."""
+    task = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():  # never cancelled: that would leave a PKCS#11 call running under an exiting process
+        await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+        if not task.done():
+            log.error("stopping: start-up still inside the key manager after %g s; exiting anyway", STOP_GRACE_SECONDS)
+            os._exit(1)
+    running = task.result()
+    if not stop.is_set():
+        return running
+    await running.close()
+    running.server.key_manager.release()
+    return None
+
+
+def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
+    """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
+    only once it is up; then restart workers that die. Entered with the stop signals blocked."""
     audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
-    metrics_sock = _listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
+    metrics_sock = listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
     metrics_dir = None
     if metrics_sock is not None:
         metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the children
-        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
     shared = Shared(workers=workers, audit_socket=audit_tx)
     children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
     stopping = failed = False
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    handled = _HANDLED
 
     def spawn(slot: int, ready: int | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
@@ -214,21 +318,24 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             children[pid] = slot
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        if stopping:  # a stop that another thread took (the mask is this thread's) ran before the line above
+            stop(signal.SIGTERM, None)
 
     def child(slot: int, ready: int | None) -> None:
-        """Never returns."""
+        """Never returns. A worker keeps the stop signals blocked until `_serve_worker` defers them."""
         code = 1
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-            if slot < 0:
+            if slot < 0:  # holds no key: the default actions are fine until its loop handles them
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
                 from xks_proxy.process import sidecar
 
                 sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
             else:
-                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0)))
+                up = partial(_report_ready, ready) if ready is not None else lambda: None
+                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0), up))
             code = 0
         except XksError as exc:
             log.error("worker cannot start: %s", exc.message)
@@ -268,6 +375,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
     if audit_rx is not None or metrics_sock is not None:
         # The sidecar is up before the workers start: their start (HSM logins above all) then
         # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
@@ -276,9 +384,23 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
         os.close(ready_w)
         select.select([ready_r], [], [], 5.0)
         os.close(ready_r)
-    for slot in range(workers):
-        if not stopping:
-            spawn(slot)
+    # Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
+    # another process); the others log in only once it serves.
+    first_up = False
+    if not stopping:
+        ready_r, ready_w = os.pipe()
+        spawn(0, ready_w)
+        os.close(ready_w)
+        first_up = _wait_ready(ready_r)
+    if first_up:
+        announce()
+        if metrics_sock is not None:
+            log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
+        for slot in range(1, workers):
+            if not stopping:
+                spawn(slot)
+    elif not stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
+        stopping = failed = True  # the sidecar is stopped below once worker 0 is reaped
     try:
         while children:
             try:
@@ -293,7 +415,7 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
             if slot is None:
                 continue
             if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
-                log.error("a worker cannot start; stopping (not retrying)")
+                log.error("a restarted worker cannot start; stopping all workers (not retrying)")
                 stop(signal.SIGTERM, None)
                 failed = True
             if stopping and not any(s >= 0 for s in children.values()):

@@ -67,6 +67,8 @@ async def _run(
         os.write(ready, b"+")
         os.close(ready)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGTERM)  # one stop is enough; another landing while asyncio
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # closes the loop would print a traceback
     if writer is not None and audit_socket is not None:
         loop.remove_reader(audit_socket.fileno())
         drain()
