@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:  # type-only: the configuration model is built from the backends' sections
     from keymanager.crypto import MasterKey
-    from xks_proxy.config import Config
+    from xks_proxy.settings.model import Config
 
 #: An external key id, as the XKS API allows it (the same rule for every backend).
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -325,8 +325,10 @@ class Backend:
     full audited lifecycle (versions, scheduled deletion, BYOK; without it the CLI offers what
     KeyAdmin does), `init_home(home, master_key)` creates the backend's files in a new home and
     returns its config.toml sections, `backup` and `fleet` as their protocols say.
-    `parse_section(home, raw)` validates the backend's own config.toml section(s) into its typed
-    settings (ConfigError naming the field).
+    `parse_section(home, raw)` validates the backend's own config.toml section(s) of the document
+    `raw` into its typed settings, which live in its package (ConfigError naming the field, from
+    the leaf `xks_proxy.settings.fields`): `xks_proxy.config.load` calls it once, and
+    `Config.backend_settings` carries the result back to the backend's factories.
     """
 
     name: str

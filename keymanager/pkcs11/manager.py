@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any, Callable, TypeVar
 
 from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
+from keymanager.pkcs11.config import Pkcs11Config
 from keymanager.pkcs11.token import (
     HsmError,
     Library,
@@ -50,7 +51,6 @@ from keymanager.pkcs11.token import (
     raise_mapped,
     scan,
 )
-from xks_proxy.config import Pkcs11Config
 from xks_proxy.errors import (
     DependencyTimeoutException,
     InternalException,

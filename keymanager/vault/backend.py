@@ -44,7 +44,7 @@ def _key_manager(config: "Config") -> KeyManager:
 
 def _key_admin(config: "Config") -> KeyAdmin:
     from keymanager.vault.db import VaultDB
-    from xks_proxy.config import ConfigError
+    from xks_proxy.settings.fields import ConfigError
 
     if config.vault.dsn is None and not config.vault.path.is_file():
         raise ConfigError(f"vault.path: file {config.vault.path} does not exist")

@@ -19,6 +19,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from keymanager.crypto import MasterKey
@@ -27,13 +28,12 @@ from xks_proxy.config import (
     ACCESS_KEY_RE,
     CONFIG_FILE,
     KEY_ID_RE,
-    MAX_METADATA_BYTES,
     REGION_RE,
     SECRET_RE,
     ConfigError,
-    Pkcs11Config,
     validate_prefix,
 )
+from xks_proxy.protocol import MAX_METADATA_BYTES
 
 PIN_FILE = "pkcs11.pin"
 HEALTH_KEY = "xks-proxy-health"
@@ -283,12 +283,16 @@ def _stores(raw: Any) -> list[ImportedStore]:
 # --- the HSM check and the home ---------------------------------------------------------------------------
 
 
-def _pkcs11_config(imported: Imported) -> Pkcs11Config:
+def _pkcs11_config(imported: Imported) -> Any:
+    """What the pkcs11 backend's `key_admin_for` reads of its settings (module, token, slot, PIN,
+    health key), before a home exists: the typed `Pkcs11Config` is the backend's own, parsed
+    from the home once written (`configmod.load` in `run`)."""
     table = imported.config["pkcs11"]
-    return Pkcs11Config(
+    return SimpleNamespace(
         module=Path(table["module"]),
         pin=imported.pin,
         token_label=table.get("token_label"),
+        slot=None,
         iv_mode=table["iv_mode"],
         health_key=table["health_key"],
     )

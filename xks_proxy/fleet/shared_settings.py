@@ -20,7 +20,9 @@ import tomli_w
 
 from keymanager.base import SharedStorage
 from keymanager.registry import backend
-from xks_proxy.config import Config, ConfigError, with_stores
+from xks_proxy.settings.fields import ConfigError
+from xks_proxy.settings.model import Config
+from xks_proxy.settings.stores import with_stores
 
 STORES = "stores"
 WHERE = "stores (in the vault database)"
