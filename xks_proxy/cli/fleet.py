@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import getpass
 import json
-import os
 import re
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xks_proxy import config as configmod
+from xks_proxy.cli.common import CommandError, actor
 from xks_proxy.config import Config, ConfigError
-
-
-class FleetError(Exception):
-    """A refused fleet command, printed as one line."""
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -45,36 +39,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     init.add_argument(
         "--skip-local-vault", action="store_true", help="do not copy the home's local vault keys (the database keeps its own)"
     )
-    init.set_defaults(func=_command(cmd_init))
+    init.set_defaults(func=cmd_init)
     status = fleet.add_parser("status", parents=[common], help="the shared database and the proxies heartbeating into it")
-    status.set_defaults(func=_command(cmd_status))
+    status.set_defaults(func=cmd_status)
     get = fleet.add_parser("get-stores", parents=[common], help="print the fleet's [[stores]] (secrets sealed) to edit them")
-    get.set_defaults(func=_command(cmd_get_stores))
+    get.set_defaults(func=cmd_get_stores)
     put = fleet.add_parser("put-stores", parents=[common], help="validate an edited [[stores]] file and make it the fleet's")
     put.add_argument("file", help="the file from get-stores, edited (policies, regions, key_ids, throttle)")
-    put.set_defaults(func=_command(cmd_put_stores))
+    put.set_defaults(func=cmd_put_stores)
     drain = fleet.add_parser("drain", parents=[common], help="make this proxy's GET /ping answer 503 (before stopping it)")
-    drain.set_defaults(func=_command(cmd_drain))
+    drain.set_defaults(func=cmd_drain)
     resume = fleet.add_parser("resume", parents=[common], help="make this proxy's GET /ping answer 200 again")
-    resume.set_defaults(func=_command(cmd_resume))
-
-
-def _command(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return action(args)
-        except FleetError as exc:
-            print(f"xks-proxy: {exc}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment
-        return f"cli:uid={os.getuid()}"
+    resume.set_defaults(func=cmd_resume)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -100,7 +76,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         copied = fleet.move_into(config, copy_local=not args.skip_local_vault)
     except KeyRefused as exc:
-        raise FleetError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     stores = _put_stores(config, local_stores)
     from xks_proxy.cli.home import write_config
 
@@ -123,13 +99,13 @@ def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:
     """config.toml's stores into the database, unless it has them (the same, or others: refused)."""
     from xks_proxy.fleet import shared_settings
 
-    with shared_settings.editing(config, _actor()) as shared:
+    with shared_settings.editing(config, actor()) as shared:
         if not shared and not local:
             raise ConfigError("stores: neither config.toml nor the database has a key store")
         if local and not shared:
             shared.extend(local)
         elif local and shared != local:
-            raise FleetError(
+            raise CommandError(
                 "the database already holds key stores that differ from config.toml's; keep the database's "
                 "by removing [[stores]] from config.toml, then run this again"
             )
@@ -180,7 +156,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     home = configmod.home_dir(args.home)
     configmod.read_raw(home)  # a home, not any directory
-    (home / DRAIN_FILE).write_text(f"drained by {_actor()}\n")
+    (home / DRAIN_FILE).write_text(f"drained by {actor()}\n")
     print(f"{home}: GET /ping now answers 503; stop the proxy once the load balancer has taken it out")
     return 0
 
@@ -215,7 +191,7 @@ def cmd_get_stores(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     if found is None:
-        raise FleetError("the database holds no key stores yet; run `xks-proxy fleet init`")
+        raise CommandError("the database holds no key stores yet; run `xks-proxy fleet init`")
     stores, revision = found
     print(f"# revision {revision} of the key stores in {config.vault.dsn_display}; secrets are sealed under the master key.")
     print("# Edit, then: xks-proxy fleet put-stores FILE (refused if the stores changed since this revision).")
@@ -230,16 +206,16 @@ def cmd_put_stores(args: argparse.Namespace) -> int:
     try:
         text = Path(args.file).read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise FleetError(f"cannot read {args.file}: {exc}") from None
+        raise CommandError(f"cannot read {args.file}: {exc}") from None
     new = shared_settings.parse(text)
     read_at = _REVISION.search(text)
     if read_at is None:
-        raise FleetError(f"{args.file} has no '# revision N' line; start from `xks-proxy fleet get-stores`")
+        raise CommandError(f"{args.file} has no '# revision N' line; start from `xks-proxy fleet get-stores`")
     try:
-        with shared_settings.editing(config, _actor(), expect_revision=int(read_at[1])) as stores:
+        with shared_settings.editing(config, actor(), expect_revision=int(read_at[1])) as stores:
             stores[:] = new  # validated as every proxy will, then written, by `editing`
     except shared_settings.StoresChanged as exc:
-        raise FleetError(f"{exc}; get them again and redo the edit") from None
+        raise CommandError(f"{exc}; get them again and redo the edit") from None
     applied = shared_settings.apply(config, new)
     print(f"key stores replaced: {', '.join(s.uri_path for s in applied.stores)}; every proxy serves them within 2 s")
     return 0
