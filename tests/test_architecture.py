@@ -32,8 +32,6 @@ KNOWN_BACKEND_IMPORTS: dict[str, str] = {}
 #: Modules over 400 lines whose split is still to do.
 KNOWN_LONG: dict[str, str] = {
     "xks_proxy.cli.app": "step 5: one module per command group (keys, serve/demo/init), parser in app.py",
-    "keymanager.vault.storage": "step 3: one SQL layer over SQLite and PostgreSQL, dialects in one table",
-    "keymanager.vault.postgres": "step 3: as storage",
     "keymanager.vault.db": "step 3: BYOK import (import_params/import_material) out of VaultDB",
     "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
     "xks_proxy.process.runner": "after the merge of issue 11: supervisor and worker in two modules",

@@ -46,14 +46,8 @@ from keymanager.crypto import (
     UnwrapError,
     WrappingKey,
 )
-from keymanager.vault.storage import (
-    ImportParamsRow,
-    KeyRow,
-    SchemaError,
-    SqliteStorage,
-    StorageTx,
-    VaultStorage,
-)
+from keymanager.vault.rows import ImportParamsRow, KeyRow, SchemaError, StorageTx, VaultStorage
+from keymanager.vault.storage import SqliteStorage
 from xks_proxy.errors import InvalidCiphertextException
 
 log = logging.getLogger("xks_proxy.vault")
