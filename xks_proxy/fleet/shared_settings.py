@@ -7,6 +7,9 @@ credentials. Each proxy takes a change up within `vault.refresh_seconds` (`xks_p
 validating it exactly as config.toml is validated; an invalid document is refused with one log
 line and the previous stores keep serving. Writers validate before they write, inside the
 vault's writer lock, so two edits from two machines never lose each other.
+
+`xks_proxy.config.load` calls `load_into`; this module builds on `xks_proxy.settings` (the model
+and the stores' validation), never on `xks_proxy.config`, so the two do not import each other.
 """
 
 from __future__ import annotations
