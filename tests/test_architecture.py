@@ -31,11 +31,9 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {}
 KNOWN_BACKEND_IMPORTS: dict[str, str] = {}
 #: Modules over 400 lines whose split is still to do.
 KNOWN_LONG: dict[str, str] = {
-    "xks_proxy.cli.app": "step 5: one module per command group (keys, serve/demo/init), parser in app.py",
     "keymanager.vault.db": "step 3: BYOK import (import_params/import_material) out of VaultDB",
     "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
     "xks_proxy.process.runner": "after the merge of issue 11: supervisor and worker in two modules",
-    "xks_proxy.access.mtls": "after the merge of issue 11: TLS contexts and the TLS transport in two modules",
     "keymanager.pkcs11.token": "hot on main (issue 11); docstring to say why after the merge",
 }
 

@@ -230,7 +230,7 @@ class PlainConnection(asyncio.Protocol):
 
 
 class GuardedSite(web.BaseSite):
-    """An aiohttp site whose connections go through `connection()` (plain HTTP here; TLS in mtls.TlsSite).
+    """An aiohttp site whose connections go through `connection()` (plain HTTP here; TLS in tls_transport.TlsSite).
 
     Listens on `sock` when given (a socket the supervisor bound and shares with its workers),
     else binds `host`:`port` itself.

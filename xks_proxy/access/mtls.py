@@ -1,47 +1,39 @@
-"""HTTPS for the XKS listener: TLS contexts, mutual TLS with a client name check, reload.
+"""TLS for the listeners: server contexts as KMS accepts them, mutual TLS with a client name check, reload.
 
-Why the listener accepts plain TCP and starts TLS itself (`TlsSite`): asyncio fixes one
-SSLContext per listening socket, and a context can never forget a CA it has loaded. Starting
-TLS per connection with whichever context is current lets a new server certificate, key or
-client CA bundle take effect for new connections at once, while connections in flight keep the
-context they were accepted with.
+`TlsManager` holds the context that serves new connections and the client names allowed; a
+reload swaps both whole (a broken or expired new certificate is refused at reload, and the old
+context keeps serving). How a connection gets TLS with whichever context is current, and why
+the listener starts TLS itself, is tls_transport.py's part.
 
 The client certificate's names are checked inside the handshake (an OpenSSL verify callback,
 see tlshooks), so a certificate that chains to the trusted CA but names someone else gets a
 `bad_certificate` alert; they are checked again after the handshake, before a single byte of
-HTTP reaches aiohttp, for resumed sessions (which verify no certificate). Every refused
-handshake sends OpenSSL's alert, which names the reason (`_AlertingSslProtocol`).
+HTTP reaches aiohttp, for resumed sessions (which verify no certificate).
 
 Refusals are logged at INFO with the peer address and the reason (for a name mismatch, the
-names presented), and counted in metrics. A broken or expired new certificate is refused at
-reload; the old context keeps serving.
+names presented), and counted in metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import os
-import socket
 import ssl
-import threading
-from asyncio import sslproto
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from aiohttp import web
 from cryptography import x509
 
 from xks_proxy.access import tlshooks
-from xks_proxy.config import Config
-from xks_proxy.access.connections import Guards, GuardedSite, Slot, peer_of
 from xks_proxy.access.metrics import NoMetrics
+from xks_proxy.access.tls_transport import refused_in_handshake
+from xks_proxy.access.tls_transport import TlsSite as TlsSite  # re-exported: process/runner.py imports it from here
+from xks_proxy.config import Config
 
 log = logging.getLogger("xks_proxy.tls")
 
-HANDSHAKE_TIMEOUT = 10.0
 #: Exactly the suites the XKS specification says KMS accepts, nothing more: KMS offers no other,
 #: so another suite could only ever serve some other client. All AEAD, all forward secret.
 #: TLS 1.2: no CHACHA20 (not on the list), no AES128-GCM (not on it either).
@@ -220,21 +212,6 @@ def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(str(attr.value) for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
 
 
-#: Names of the client certificate the verify callback just refused, for `handshake_refused`'s
-#: line. Per thread: set and taken within one `do_handshake` call on the event loop's thread.
-_refusal = threading.local()
-
-
-def _note_refusal(exc: BaseException) -> None:
-    """Carry the names refused in this handshake (if it was the name check) on its exception."""
-    names, _refusal.names = getattr(_refusal, "names", None), None
-    if names is not None:
-        try:
-            exc.client_names = names  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
-
-
 class TlsManager:
     """The current TLS context and allowed client names, swapped whole on reload."""
 
@@ -267,7 +244,7 @@ class TlsManager:
         names = certificate_names(x509.load_der_x509_certificate(der))
         if self._allows(names):
             return True
-        _refusal.names = names
+        refused_in_handshake(names)
         return False
 
     def _allows(self, names: tuple[str, ...]) -> bool:
@@ -324,144 +301,3 @@ class TlsManager:
         log.info("TLS connection from %s closed before any request: %s", peer, self._names_refused(names))
         self._metrics.tls_refused("client_name")
         return False
-
-
-class _AlertingSslProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol, except that a refused handshake sends its alert before closing.
-
-    OpenSSL writes the alert that names the reason (certificate required, unknown CA, bad
-    certificate, ...) into the outgoing BIO; asyncio then closes the socket without sending it,
-    and the client sees a bare close. Sent here first; the close follows as before.
-    """
-
-    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
-        if handshake_exc is not None:
-            _note_refusal(handshake_exc)
-            alert = self._outgoing.read()
-            if alert and self._transport is not None and not self._transport.is_closing():
-                self._transport.write(alert)
-        super()._on_handshake_complete(handshake_exc)
-
-
-class _LeanSslProtocol(_AlertingSslProtocol):
-    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB, allocated on first read.
-
-    asyncio allocates (and zero-fills) `max_size` bytes per connection at once: 1,000 idle
-    connections cost 256 MB, and glibc keeps much of it after they close. A TLS record is at
-    most 16 KiB plus a few bytes, and XKS requests are a few KiB, so 16 KiB reads lose nothing
-    that matters; a connection that never sends its ClientHello costs no buffer at all.
-    """
-
-    max_size = 16 * 1024
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ssl_buffer = bytearray()  # get_buffer() grows it to max_size when bytes arrive
-        self._ssl_buffer_view = memoryview(self._ssl_buffer)
-
-
-async def _start_tls(
-    loop: asyncio.AbstractEventLoop, raw: asyncio.Transport, protocol: asyncio.BaseProtocol, context: ssl.SSLContext
-) -> asyncio.Transport:
-    """`loop.start_tls(server_side=True)` (CPython's own steps) with `_LeanSslProtocol`."""
-    waiter = loop.create_future()
-    tls = _LeanSslProtocol(
-        loop, protocol, context, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT, call_connection_made=False
-    )
-    raw.pause_reading()
-    raw.set_protocol(tls)
-    made = loop.call_soon(tls.connection_made, raw)
-    resume = loop.call_soon(raw.resume_reading)
-    try:
-        await waiter
-    except BaseException:
-        raw.close()
-        made.cancel()
-        resume.cancel()
-        raise
-    return tls._app_transport  # type: ignore[no-any-return]
-
-
-class _TlsConnection(asyncio.Protocol):
-    """One accepted TCP connection: under the cap, TLS with the context current now, the name check, then HTTP."""
-
-    def __init__(self, tls: TlsManager, guards: Guards, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> None:
-        self._tls = tls
-        self._guards = guards
-        self._http = http
-        self._loop = loop
-        self._pending: list[bytes] = []
-        self._closed = False
-        self._slot: Slot | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._slot = self._guards.accept(peer_of(transport))
-        if self._slot is None:  # over the cap: closed before a handshake costs anything
-            transport.abort()
-            return
-        transport.pause_reading()  # the ClientHello waits in the kernel until start_tls takes over
-        self._task = self._loop.create_task(self._start(transport, self._slot))
-
-    async def _start(self, raw: asyncio.Transport, slot: Slot) -> None:
-        handed_over = False
-        try:
-            handed_over = await self._handshake(raw, slot)
-        finally:
-            if not handed_over:
-                slot.release()
-
-    async def _handshake(self, raw: asyncio.Transport, slot: Slot) -> bool:
-        """True once the connection belongs to its guard (which then releases the slot)."""
-        peer = peer_of(raw)
-        loaded = self._tls.current
-        try:
-            tls = await _start_tls(self._loop, raw, self, loaded.context)
-        except asyncio.CancelledError:
-            raw.abort()
-            raise
-        except Exception as exc:  # the connection is closed
-            self._tls.handshake_refused(peer, exc)
-            return False
-        if self._closed or tls is None or tls.is_closing():
-            return False
-        if loaded.mutual and not self._tls.name_allowed(tls.get_extra_info("peercert"), peer):
-            self._pending.clear()
-            tls.abort()
-            return False
-        guard = self._guards.guard(self._http(), slot)
-        tls.set_protocol(guard)
-        guard.connection_made(tls)
-        for chunk in self._pending:
-            guard.data_received(chunk)
-        self._pending.clear()
-        return True
-
-    def data_received(self, data: bytes) -> None:
-        """Decrypted bytes that arrive before the name check: held, never parsed unless it passes."""
-        self._pending.append(data)
-
-    def eof_received(self) -> bool:
-        self._closed = True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._pending.clear()
-
-
-class TlsSite(GuardedSite):
-    """An aiohttp site that serves HTTPS through `_TlsConnection` (see the module docstring)."""
-
-    scheme = "https"
-
-    def __init__(
-        self, runner: web.BaseRunner, tls: TlsManager, guards: Guards, host: str = "127.0.0.1", port: int = 0,
-        sock: socket.socket | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(runner, guards, host, port, sock)
-        self._tls = tls
-
-    def connection(self, http: Callable[[], asyncio.Protocol], loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
-        return _TlsConnection(self._tls, self.guards, http, loop)
