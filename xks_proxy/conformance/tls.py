@@ -117,7 +117,12 @@ async def handshake(settings: Settings, ctx: ssl.SSLContext) -> Handshake:
     except OSError as exc:
         return Handshake(False, kind=outcomes.UNREACHABLE, error=exc.strerror or str(exc))
     ssl_object = writer.get_extra_info("ssl_object")
-    result = Handshake(True, ssl_object.version(), ssl_object.cipher()[0], ssl_object.getpeercert(binary_form=True))
+    try:
+        result = Handshake(True, ssl_object.version(), ssl_object.cipher()[0], ssl_object.getpeercert(binary_form=True))
+    except (AttributeError, ValueError):
+        # TLS 1.3: the client finishes first, then the server checks the client certificate and
+        # may refuse it with an alert, closing the connection before it can be inspected here.
+        result = Handshake(False, kind=outcomes.TLS, error="the server closed the connection right after the handshake")
     writer.transport.abort()
     return result
 
