@@ -31,7 +31,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {}
 KNOWN_BACKEND_IMPORTS: dict[str, str] = {}
 #: Modules over 400 lines whose split is still to do.
 KNOWN_LONG: dict[str, str] = {
-    "keymanager.vault.db": "step 3: BYOK import (import_params/import_material) out of VaultDB",
     "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
     "xks_proxy.process.runner": "after the merge of issue 11: supervisor and worker in two modules",
     "keymanager.pkcs11.token": "hot on main (issue 11); docstring to say why after the merge",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from keymanager.vault.db import VaultDB
     from xks_proxy.config import Config
 
-INTERNAL_STORE = "#internal"  # as keymanager.vault.db.INTERNAL_STORE (kept light: no import of db here)
+INTERNAL_STORE = "#internal"  # as keymanager.vault.model.INTERNAL_STORE (kept light: no import of it here)
 VAULT_FILE = "vault.db"
 
 

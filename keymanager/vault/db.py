@@ -1,174 +1,61 @@
-"""The local AES key vault: the default key manager, and the rules of a key's life.
+"""The local AES key vault: the rules of a key's life, and the counts the key manager reserves.
 
-Storage is `keymanager.vault.storage` (one SQLite file, one transaction per change) or, for a
-fleet of proxies sharing their keys, `keymanager.vault.postgres` (one PostgreSQL database, the
-same tables and rules). Either holds key material only sealed under the master key, each blob
-bound to its (store, key id, version). A crash at any instant leaves every committed change
-readable and nothing half-written.
+Storage is one SQLite file (`keymanager.vault.storage`) or, for a fleet of proxies sharing
+their keys, one PostgreSQL database (`keymanager.vault.postgres`): the same tables, statements
+and rules (`keymanager.vault.sql`). Either holds key material only sealed under the master key,
+each blob bound to its (store, key id, version). A crash at any instant leaves every committed
+change readable and nothing half-written.
 
 `VaultDB` is the one place lifecycle rules live (the CLI and the admin API both call it):
     create ─▶ ENABLED ◀─▶ DISABLED          create --no-material ─▶ PENDING_IMPORT ─import─▶ ENABLED
     any state ─schedule-deletion (7-30 days)─▶ PENDING_DELETION ─cancel─▶ DISABLED (PENDING_IMPORT
     if it never had material) … and after the waiting period, destroyed by the next sweep.
 GetKeyMetadata reports every state but ENABLED as DISABLED; crypto on them is InvalidStateException.
+Importing material is `keymanager.vault.byok`'s; the names all these share, `keymanager.vault.model`'s.
 
-The server serves from memory: `VaultKeyManager` loads every key once, then a background task
-watches a generation counter that every lifecycle change bumps, and reloads when it moves. So
-changes made by the CLI reach a running server within `refresh_seconds`, and the hot path never
-touches the disk. Encryptions are counted per key version against the AES-GCM limit (NIST SP
-800-38D: at most 2^32 random-IV encryptions per key) by reserving blocks of counts in the vault
-ahead of use: the stored count is an upper bound that survives a crash, and the hot path only
-increments an integer. A version whose reservations reach `rotate_after` gets a successor, made
-in the same transaction that would have crossed the threshold, so several servers rotate once.
+Encryptions are counted per key version against the AES-GCM limit (NIST SP 800-38D: 2^32
+random-IV encryptions per key) in blocks reserved here ahead of use (`keymanager.vault.manager`
+spends them from memory): the stored count is an upper bound that survives a crash. A version
+whose reservations reach `rotate_after` gets a successor in the same transaction, so several
+servers rotate once.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import sqlite3
-import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from keymanager.base import BadRequest, KeyUsage, NoSuchKey, audit, iso_time, parse_usage
-from keymanager.base import KeyRefused
-from keymanager.base import KeyInfo as BaseKeyInfo
-from keymanager.crypto import (
-    WRAPPING_ALGORITHMS,
-    WRAPPING_KEY_SPECS,
-    DataKey,
-    MasterKey,
-    TokenError,
-    TokenSigner,
-    UnwrapError,
-    WrappingKey,
+from keymanager.base import BadRequest, KeyUsage, audit, iso_time, parse_usage
+from keymanager.crypto import MasterKey
+from keymanager.vault.byok import ImportParams, KeyImport
+from keymanager.vault.model import (
+    DISABLED,
+    ENABLED,
+    HEALTH_KEY,
+    INTERNAL_STORE,
+    MAX_ENCRYPTIONS,
+    ORIGIN_EXTERNAL,
+    ORIGIN_VAULT,
+    PENDING_DELETION,
+    PENDING_IMPORT,
+    Grant,
+    KeyInfo,
+    LoadedKey,
+    VaultError,
+    VersionInfo,
+    existing_row,
+    key_info,
+    material_context,
 )
-from keymanager.vault.rows import ImportParamsRow, KeyRow, SchemaError, StorageTx, VaultStorage
+from keymanager.vault.rows import SchemaError, StorageTx, VaultStorage
 from keymanager.vault.storage import SqliteStorage
-from xks_proxy.errors import InvalidCiphertextException
 
 log = logging.getLogger("xks_proxy.vault")
 
-ENABLED, DISABLED, PENDING_IMPORT, PENDING_DELETION = "ENABLED", "DISABLED", "PENDING_IMPORT", "PENDING_DELETION"
-ORIGIN_VAULT, ORIGIN_EXTERNAL = "VAULT", "EXTERNAL"
-INTERNAL_STORE = "#internal"  # '#' is not a prefix character: no URI can reach these keys.
-HEALTH_KEY = "health"
-_METADATA = struct.Struct(">BI")  # format 1, key version
-_METADATA_FORMAT = 1
-
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
-MAX_ENCRYPTIONS = 1 << 32  # NIST SP 800-38D, random 96-bit IVs: never more under one key
-DEFAULT_ROTATE_AFTER = 1 << 31
-DEFAULT_COUNT_BLOCK = 1 << 16
-IMPORT_TOKEN_SECONDS = 24 * 3600
-TOKEN_ISSUER = "xks-proxy vault"
-TOKEN_AUDIENCE = "xks-proxy import"
-_SIGNER_SECRET = "import-token-signing-key"
-
-
-
-class VaultError(KeyRefused):
-    """A refused vault change: the key's state does not allow it (the CLI prints it as one line).
-
-    Its name is what audit records show as the outcome of such a refusal; NoSuchKey and
-    BadRequest (keymanager.base) are its siblings under KeyRefused.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo(BaseKeyInfo):
-    """A vault key as the CLI and admin API show it: no material; lifecycle fields added."""
-
-    origin: str = ORIGIN_VAULT
-    current_version: int | None = None
-    deletion_date: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **BaseKeyInfo.to_json(self),
-            "origin": self.origin,
-            "currentVersion": self.current_version,
-            "deletionDate": iso_time(self.deletion_date),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class VersionInfo:
-    """One key version: when made, and how many encryptions the vault has reserved for it.
-
-    `reserved` is an upper bound on the encryptions done under it since `counted_since` (exact
-    after every server using it shut down cleanly; a crash leaves the unused part counted).
-    """
-
-    version: int
-    created_at: float
-    reserved: int
-    counted_since: float
-    current: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "created": iso_time(self.created_at),
-            "current": self.current,
-            "encryptionsReserved": self.reserved,
-            "countedSince": iso_time(self.counted_since),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ImportParams:
-    """What `get-import-params` hands out: a wrapping public key and the token bound to it."""
-
-    store: str
-    key_id: str
-    algorithm: str
-    key_spec: str
-    public_der: bytes
-    public_pem: bytes
-    token: str
-    expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Encryptions a server may do under `version`; `rotated` if this reservation made the version."""
-
-    version: int | None
-    count: int
-    rotated: bool = False
-
-
-def material_context(store: str, key_id: str, version: int) -> str:
-    """What a sealed key blob is bound to: it opens only as this version of this key."""
-    return f"xks-proxy key {store!r} {key_id!r} v{version}"
-
-
-def _wrapping_context(store: str, key_id: str, params_id: str) -> str:
-    return f"xks-proxy wrapping key {store!r} {key_id!r} {params_id}"
-
-
-def _signer_context() -> str:
-    return "xks-proxy import-token signing key"
-
-
-def encode_metadata(version: int) -> bytes:
-    return _METADATA.pack(_METADATA_FORMAT, version)
-
-
-def decode_metadata(metadata: bytes | None) -> int:
-    """Key version named by ciphertextMetadata. No metadata means version 1.
-
-    (Ciphertexts made by other proxies over imported material carry no metadata of ours.)
-    """
-    if not metadata:
-        return 1
-    if len(metadata) != _METADATA.size or metadata[0] != _METADATA_FORMAT:
-        raise InvalidCiphertextException("ciphertextMetadata was not produced by this key store")
-    return _METADATA.unpack(metadata)[1]
 
 
 def _usage_text(usage: tuple[KeyUsage, ...]) -> str:
@@ -205,6 +92,7 @@ class VaultDB:
             raise VaultError(f"{name} is not a usable vault: {exc}") from None
         if before and before != after:
             log.warning("vault %s upgraded in place from schema %d to %d", name, before, after)
+        self._import = KeyImport(self._storage, master_key, clock)
         self._ensure_health_key()
 
     @classmethod
@@ -258,26 +146,19 @@ class VaultDB:
 
     def key(self, store: str, key_id: str) -> KeyInfo:
         with self._storage.read() as tx:
-            return _info(self._row(tx, store, key_id))
+            return key_info(existing_row(tx, store, key_id))
 
     def keys(self, store: str) -> list[KeyInfo]:
         with self._storage.read() as tx:
-            return [_info(row) for row in tx.keys(store)]
+            return [key_info(row) for row in tx.keys(store)]
 
     def versions(self, store: str, key_id: str) -> list[VersionInfo]:
         with self._storage.read() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             return [
                 VersionInfo(v.version, v.created_at, v.reserved, v.counted_since, v.version == row.current_version)
                 for v in tx.versions(store, key_id)
             ]
-
-    @staticmethod
-    def _row(tx: StorageTx, store: str, key_id: str) -> KeyRow:
-        row = tx.key(store, key_id)
-        if row is None or store == INTERNAL_STORE:
-            raise NoSuchKey(f"no key {key_id} in store {store!r}")
-        return row
 
     # --- creating, enabling, disabling, rotating
 
@@ -307,7 +188,7 @@ class VaultDB:
 
     def enable(self, store: str, key_id: str) -> KeyInfo:
         with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             if row.state == PENDING_IMPORT:
                 raise VaultError(f"key {key_id} has no key material yet: import it (keys import) to enable it")
             if row.state == PENDING_DELETION:
@@ -317,7 +198,7 @@ class VaultDB:
 
     def disable(self, store: str, key_id: str) -> KeyInfo:
         with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             if row.state == PENDING_IMPORT:
                 raise VaultError(f"key {key_id} has no key material yet; there is nothing to disable")
             if row.state == PENDING_DELETION:
@@ -328,7 +209,7 @@ class VaultDB:
     def rotate(self, store: str, key_id: str) -> KeyInfo:
         """Add a new version: new encryptions use it, older versions keep decrypting."""
         with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             if row.origin == ORIGIN_EXTERNAL:
                 raise VaultError(
                     f"key {key_id} holds imported key material: rotating would add material you do not hold; "
@@ -352,7 +233,7 @@ class VaultDB:
         if not whole or not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
             raise BadRequest(f"pending days must be a whole number from {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS}")
         with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             if row.state == PENDING_DELETION:
                 raise VaultError(f"key {key_id} is already scheduled for deletion on {iso_time(row.deletion_date)}")
             tx.update_key(store, key_id, state=PENDING_DELETION, deletion_date=self._clock() + pending_days * 86400)
@@ -361,7 +242,7 @@ class VaultDB:
     def cancel_deletion(self, store: str, key_id: str) -> KeyInfo:
         """As KMS: back to DISABLED (or PENDING_IMPORT if it never had material); enable it yourself."""
         with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
+            row = existing_row(tx, store, key_id)
             if row.state != PENDING_DELETION:
                 raise VaultError(f"key {key_id} is {row.state}, not pending deletion")
             state = DISABLED if row.version_count else PENDING_IMPORT
@@ -380,7 +261,7 @@ class VaultDB:
                 tx.delete_key(row.store, row.key_id)
             tx.delete_expired_import_params(now)
         self._storage.forget_deleted()
-        destroyed = [_info(row) for row in due]
+        destroyed = [key_info(row) for row in due]
         for info in destroyed:
             log.warning(
                 "destroyed key %s in store %r: its deletion date %s passed", info.key_id, info.store, iso_time(info.deletion_date)
@@ -398,110 +279,15 @@ class VaultDB:
             )
         return destroyed
 
-    # --- importing key material
+    # --- importing key material (keymanager.vault.byok)
 
     def import_params(self, store: str, key_id: str, algorithm: str, key_spec: str) -> ImportParams:
         """A fresh RSA wrapping key (private half sealed here) and a 24-hour token bound to it."""
-        if algorithm not in WRAPPING_ALGORITHMS:
-            raise BadRequest(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
-        if key_spec not in WRAPPING_KEY_SPECS:
-            raise BadRequest(f"wrapping key spec must be one of {', '.join(WRAPPING_KEY_SPECS)}")
-        self._check_importable(self.key(store, key_id))
-        wrapping = WrappingKey.generate(key_spec)  # outside any transaction: RSA-4096 takes a while
-        signer = self._signer()
-        params_id = secrets.token_urlsafe(18)
-        now = self._clock()
-        expires = now + IMPORT_TOKEN_SECONDS
-        with self._storage.write(bump=False) as tx:
-            self._check_importable(_info(self._row(tx, store, key_id)))
-            tx.delete_expired_import_params(now)
-            sealed = wrapping.seal(self._master, _wrapping_context(store, key_id, params_id))
-            row = ImportParamsRow(params_id, store, key_id, algorithm, key_spec, sealed, wrapping.fingerprint, now, expires)
-            tx.insert_import_params(row)
-        token = signer.sign(
-            {
-                "iss": TOKEN_ISSUER,
-                "aud": TOKEN_AUDIENCE,
-                "sub": key_id,
-                "store": store,
-                "jti": params_id,
-                "wrappingAlgorithm": algorithm,
-                "wrappingKeySpec": key_spec,
-                "wrappingKeySha256": wrapping.fingerprint,
-                "iat": int(now),
-                "exp": int(expires),
-            }
-        )
-        return ImportParams(store, key_id, algorithm, key_spec, wrapping.public_der(), wrapping.public_pem(), token, expires)
-
-    @staticmethod
-    def _check_importable(info: KeyInfo) -> None:
-        if info.origin != ORIGIN_EXTERNAL:
-            raise VaultError(
-                f"key {info.key_id} was made with vault-generated material; import works only into keys "
-                "created with --no-material"
-            )
-        if info.state == PENDING_DELETION:
-            raise VaultError(f"key {info.key_id} is pending deletion: cancel the deletion first")
-
-    def _signer(self) -> TokenSigner:
-        """The vault's import-token signing key, made on first use."""
-        with self._storage.read() as tx:
-            sealed = tx.secret(_SIGNER_SECRET)
-        if sealed is None:
-            with self._storage.write(bump=False) as tx:
-                sealed = tx.secret(_SIGNER_SECRET)
-                if sealed is None:
-                    sealed = TokenSigner.generate().seal(self._master, _signer_context())
-                    tx.insert_secret(_SIGNER_SECRET, sealed, self._clock())
-        return TokenSigner.unseal(self._master, sealed, _signer_context())
+        return self._import.params(store, key_id, algorithm, key_spec)
 
     def import_material(self, store: str, key_id: str, token: str, encrypted: bytes) -> tuple[KeyInfo, bool]:
         """Unwrap and store imported material. Returns (key, True if stored / False if the same was there)."""
-        with self._storage.read() as tx:
-            sealed_signer = tx.secret(_SIGNER_SECRET)
-        if sealed_signer is None:
-            raise VaultError("the import token was issued by another vault; get import parameters from this one")
-        signer = TokenSigner.unseal(self._master, sealed_signer, _signer_context())
-        try:
-            claims = signer.verify(token.strip(), audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
-        except TokenError as exc:
-            raise VaultError(str(exc)) from None
-        if claims["sub"] != key_id or claims.get("store") != store:
-            raise VaultError(
-                f"the import token is for key {claims['sub']} in store {claims.get('store')!r}, "
-                f"not key {key_id} in store {store!r}"
-            )
-        now = self._clock()
-        with self._storage.read() as tx:
-            params = tx.import_params(str(claims["jti"]))
-        if params is None or params.expires_at <= now or (params.store, params.key_id) != (store, key_id):
-            raise VaultError("the import parameters of this token are gone (expired, or the key was deleted); get new ones")
-        wrapping = WrappingKey.unseal(self._master, params.sealed_private, _wrapping_context(store, key_id, params.params_id))
-        if wrapping.fingerprint != params.public_fingerprint or claims.get("wrappingKeySha256") != params.public_fingerprint:
-            raise VaultError("the import token does not match its wrapping key")
-        try:
-            context = material_context(store, key_id, 1)
-            sealed, material = wrapping.unwrap_and_seal(params.algorithm, encrypted, self._master, context)
-        except UnwrapError as exc:
-            raise VaultError(str(exc)) from None
-        with self._storage.write() as tx:
-            row = self._row(tx, store, key_id)
-            self._check_importable(_info(row))
-            if row.version_count == 0:
-                tx.insert_version(store, key_id, 1, sealed, now)
-                tx.update_key(store, key_id, state=ENABLED, deletion_date=None)
-                stored = True
-            else:
-                existing = self._master.data_key(tx.versions(store, key_id)[0].sealed, material_context(store, key_id, 1))
-                if not existing.same_material(material):
-                    raise VaultError(
-                        f"key {key_id} already has different key material; importing other material would make "
-                        "its ciphertexts undecryptable (re-import only the same material)"
-                    )
-                tx.bump = False
-                stored = False
-        return self.key(store, key_id), stored
+        return self._import.material(store, key_id, token, encrypted)
 
     # --- moving a vault
 
@@ -611,35 +397,3 @@ class VaultDB:
                 keys[(v.store, v.key_id)].versions[v.version] = material
         return generation, keys
 
-
-def _info(row: KeyRow) -> KeyInfo:
-    return KeyInfo(
-        store=row.store,
-        key_id=row.key_id,
-        state=row.state,
-        usage=parse_usage(row.usage),
-        versions=row.version_count,
-        created_at=row.created_at,
-        origin=row.origin,
-        current_version=row.current_version,
-        deletion_date=row.deletion_date,
-    )
-
-
-@dataclass(slots=True)
-class UsageCounter:
-    """This process's encryptions under one key version, and how many the vault granted it."""
-
-    used: int = 0
-    granted: int = 0
-
-
-@dataclass(slots=True)
-class LoadedKey:
-    state: str
-    usage: frozenset[KeyUsage]
-    origin: str
-    versions: dict[int, DataKey]
-    current: int | None
-    #: The current version's counter (linked by the key manager; survives reloads).
-    counter: UsageCounter | None = field(default=None)

@@ -28,7 +28,8 @@ from xks_proxy.errors import (
     XksError,
 )
 
-from keymanager.vault.db import (
+from keymanager.vault.db import VaultDB
+from keymanager.vault.model import (
     DEFAULT_COUNT_BLOCK,
     DEFAULT_ROTATE_AFTER,
     HEALTH_KEY,
@@ -38,7 +39,6 @@ from keymanager.vault.db import (
     Grant,
     LoadedKey,
     UsageCounter,
-    VaultDB,
     decode_metadata,
     encode_metadata,
 )
