@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -191,6 +192,27 @@ def test_stop_right_after_ping_answers_never_costs_a_key(shim_home: Home, shim: 
         assert_no_login_cut_short(logins(shim))
         assert token_files(shim_home.hsm) == before, f"cycle {cycle + 1} changed the token"
     round_trip(shim_home, shim, workers=2)
+
+
+def test_a_signal_before_the_supervisor_waits_is_seen_by_the_wait() -> None:
+    """Why the test above once hung (1 cycle in ~120): CPython runs a Python handler only between
+    bytecodes of the main thread, so a SIGTERM landing just before the supervisor's blocking
+    os.wait() was recorded (the C handler ran) but acted on never. The supervisor now waits in
+    select() over a wakeup pipe, where a signal that came before the wait is already a byte."""
+    from xks_proxy.process.runner import _SignalPipe
+
+    previous = signal.getsignal(signal.SIGHUP)
+    pipe = _SignalPipe(frozenset({signal.SIGHUP}))
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        os.kill(os.getpid(), signal.SIGHUP)  # pending; delivered (the C handler runs) on the unblock
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        readable = select.select([pipe.fd], [], [], 5.0)[0]
+        assert readable == [pipe.fd] and pipe.read() == [signal.SIGHUP]
+        assert pipe.read() == []
+    finally:
+        pipe.close()
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_stop_inside_a_login_waits_for_it(shim_home: Home, shim: Shim) -> None:

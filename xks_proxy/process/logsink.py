@@ -55,8 +55,8 @@ class LineBatch:
                 logging.getLogger("xks_proxy").exception("could not write %d log record(s)", len(lines))
 
     def _run(self) -> None:
-        # Process signals go to the main thread, whose handlers must run: one taken by this
-        # thread while the main thread sleeps in os.wait() (the supervisor) is never handled.
+        # Process signals are the main thread's business. (Whichever thread takes one, the
+        # supervisor and the event loops learn of it through their wakeup fd; see runner.py.)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
         while not self._stop.wait(self._interval):
             self.flush()

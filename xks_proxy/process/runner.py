@@ -8,7 +8,8 @@ one worker in-process, or supervises several.
 With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
 build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
 fork): worker 0 alone first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that dies (but stops when a worker cannot start at all, see
-EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload. Every worker watches the vault, config.toml and the TLS files itself, so changes
+EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload
+(it learns of each signal from a wakeup pipe it selects on, see _SignalPipe). Every worker watches the vault, config.toml and the TLS files itself, so changes
 reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
 process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
 admin listener (admin.py), if enabled, runs in one process only (worker 0): its port is single.
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, NoReturn
 
 from aiohttp import web
 
@@ -196,14 +197,6 @@ def serve(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
 
-def _wait_ready(ready: int) -> bool:
-    """Whether the worker writing to this pipe came up: a byte once it serves, EOF if it died first."""
-    try:
-        return os.read(ready, 1) == b"+"
-    finally:
-        os.close(ready)
-
-
 def _report_ready(ready: int) -> None:
     os.write(ready, b"+")
     os.close(ready)
@@ -251,27 +244,34 @@ async def _serve_worker(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     running: Running | None = None
-    loop.add_signal_handler(signal.SIGINT, _stop_once, loop, stop)
-    loop.add_signal_handler(signal.SIGTERM, _stop_once, loop, stop)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: running.reloader.trigger() if running else None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
-    running = await _start_unless_stopped(start(config, plain_http=plain_http, sock=sock, shared=shared), stop)
-    if running is None:
-        return
     try:
-        ready()
-        await stop.wait()
+        running = await _start_unless_stopped(start(config, plain_http=plain_http, sock=sock, shared=shared), stop)
+        if running is None:
+            return
+        try:
+            ready()
+            await stop.wait()
+        finally:
+            await running.close()
+            running.server.key_manager.release()
     finally:
-        await running.close()
-        running.server.key_manager.release()
+        _ignore_signals(loop)
 
 
-def _stop_once(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """The first SIGTERM/SIGINT stops; later ones are ignored. A worker gets two (the process
-    group's and the supervisor's copy), and one landing while asyncio closes its loop prints a
-    traceback (CPython closes the wakeup pipe before it removes the handlers)."""
-    stop.set()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Once the key manager is closed and released, later signals are ignored.
+
+    Not earlier: asyncio's remove_signal_handler sets SIG_DFL before SIG_IGN can follow, and a
+    worker gets two SIGTERMs (the process group's and the supervisor's copy); the second, landing
+    in that instant during an HSM login, would kill the process inside C_Login. Until here every
+    one only sets the stop event again. Not later: asyncio.run closes the loop's wakeup pipe before
+    it removes the handlers, and a signal in between prints a traceback.
+    """
+    for signum in _HANDLED:
         loop.remove_signal_handler(signum)
         signal.signal(signum, signal.SIG_IGN)
 
@@ -296,46 +296,189 @@ async def _start_unless_stopped(starting: Coroutine[Any, Any, Running], stop: as
 
 
 def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
-    """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
-    only once it is up; then restart workers that die. Entered with the stop signals blocked."""
-    audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
-    metrics_sock = listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
-    metrics_dir = None
-    if metrics_sock is not None:
-        metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the children
-    shared = Shared(workers=workers, audit_socket=audit_tx)
-    children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
-    stopping = failed = False
-    handled = _HANDLED
+    """Run `_Supervisor` until every child is gone. Entered with the stop signals blocked."""
+    supervisor = _Supervisor(config, sock, plain_http, workers)
+    try:
+        return supervisor.run(announce)
+    finally:
+        supervisor.close()
 
-    def spawn(slot: int, ready: int | None = None) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # a stop waits until the new child is in `children`
+
+def _noop(_signum: int, _frame: object) -> None:
+    """A Python-level handler is what makes CPython's C handler write to the wakeup fd."""
+
+
+class _SignalPipe:
+    """The supervisor's signals as bytes on a pipe, read where it waits.
+
+    CPython runs a Python signal handler only between bytecodes of the main thread. A signal
+    that lands after the last such check and before a blocking call (os.wait, os.read) is
+    recorded, but nothing interrupts the call, and the handler waits for the call to return: with
+    idle workers, never (the supervisor then hung on a stop, about once in 120 starts). With
+    `set_wakeup_fd` the C-level handler also writes the signal's number to this pipe, and every
+    wait of the supervisor is a select() that includes the pipe: a signal that came before the
+    wait or during it is seen either way. The Python handlers do nothing; the supervisor acts on
+    the bytes in its one thread, between waits, never half-way through a fork or a reap.
+    """
+
+    def __init__(self, signums: frozenset[signal.Signals]) -> None:
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, _noop)
+
+    def read(self) -> list[int]:
+        """The signals received since the last read, in order (each one byte)."""
+        data = b""
+        while chunk := self._read_some():
+            data += chunk
+        return list(data)
+
+    def _read_some(self) -> bytes:
+        try:
+            return os.read(self.fd, 512)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        """The handlers stay no-ops: a second SIGTERM while the supervisor exits must not turn exit 0 into death by signal."""
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+    def close_in_child(self) -> None:
+        """A forked child's signals are its own: written here they would stop the supervisor."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+
+class _Supervisor:
+    """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
+    only once it is up; then restart workers that die.
+
+    Every wait is `_wait` (a select over the signal pipe and, while a child starts, its ready
+    pipe), and every decision (stop, reload, reap, restart) is taken in this one thread between
+    waits: no handler runs half-way through a fork, and no signal waits behind a blocking call.
+    """
+
+    def __init__(self, config: Config, sock: socket.socket, plain_http: bool, workers: int) -> None:
+        self.config, self.sock, self.plain_http, self.workers = config, sock, plain_http, workers
+        self.audit_rx, audit_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) if config.audit.path else (None, None)
+        self.metrics_sock = listen(config.metrics.host, config.metrics.port) if config.metrics.enabled else None
+        self.metrics_dir: str | None = None
+        if self.metrics_sock is not None:
+            self.metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # read by prometheus_client in the children
+        self.shared = Shared(workers=workers, audit_socket=audit_tx)
+        self.children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
+        self.stopping = self.failed = False
+        self.signals: _SignalPipe | None = None
+
+    def run(self, announce: Callable[[], object]) -> int:
+        self.signals = _SignalPipe(_HANDLED | {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)  # from here on a signal is a byte on the pipe
+        if self.audit_rx is not None or self.metrics_sock is not None:
+            # The sidecar is up before the workers start: their start (HSM logins above all) then
+            # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
+            self._wait_ready(self._spawn_with_ready(-1), timeout=5.0)
+        # Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
+        # another process); the others log in only once it serves.
+        first_up = not self.stopping and self._wait_ready(self._spawn_with_ready(0))
+        if first_up:
+            announce()
+            if self.metrics_sock is not None:
+                log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_sock.getsockname()[1])
+            for slot in range(1, self.workers):
+                if not self.stopping:
+                    self._spawn(slot)
+        elif not self.stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
+            self.stopping = self.failed = True  # the sidecar is stopped once worker 0 is reaped
+        while self.children:
+            self._reap()
+            if self.children:
+                self._wait([], None)
+        return EXIT_CANNOT_START if self.failed else 0
+
+    def close(self) -> None:
+        if self.signals is not None:
+            self.signals.close()
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    # --- waiting ---------------------------------------------------------------------------------
+
+    def _wait(self, fds: list[int], timeout: float | None) -> bool:
+        """Wait until one of `fds` is readable (True), a signal came, or `timeout`; act on the signals."""
+        assert self.signals is not None
+        readable = select.select([self.signals.fd, *fds], [], [], timeout)[0]
+        for signum in self.signals.read():
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop()
+            elif signum == signal.SIGHUP:
+                self._signal_workers(signal.SIGHUP)
+            # SIGCHLD only wakes the loop: `_reap` collects every child that exited
+        return any(fd in readable for fd in fds)
+
+    def _wait_ready(self, ready: int, timeout: float | None = None) -> bool:
+        """Whether the child writing to this pipe came up: a byte once it serves, EOF if it died first.
+        A stop meanwhile is passed on; the child then answers EOF (a start is never cut short)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self._wait([ready], left):
+                    return os.read(ready, 1) == b"+"
+        finally:
+            os.close(ready)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but act on signals meanwhile and end early on a stop."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            self._wait([], left)
+
+    # --- children --------------------------------------------------------------------------------
+
+    def _spawn_with_ready(self, slot: int) -> int:
+        ready_r, ready_w = os.pipe()
+        try:
+            self._spawn(slot, ready_w)
+        finally:
+            os.close(ready_w)
+        return ready_r
+
+    def _spawn(self, slot: int, ready: int | None = None) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # the child starts with them blocked
         try:
             pid = os.fork()
             if pid == 0:
-                child(slot, ready)
-            children[pid] = slot
+                self._child(slot, ready)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-        if stopping:  # a stop that another thread took (the mask is this thread's) ran before the line above
-            stop(signal.SIGTERM, None)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        self.children[pid] = slot
 
-    def child(slot: int, ready: int | None) -> None:
-        """Never returns. A worker keeps the stop signals blocked until `_serve_worker` defers them."""
+    def _child(self, slot: int, ready: int | None) -> NoReturn:
+        """A worker keeps the stop signals blocked until `_serve_worker` defers them."""
         code = 1
         try:
+            assert self.signals is not None
+            self.signals.close_in_child()
             if slot < 0:  # holds no key: the default actions are fine until its loop handles them
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
                 from xks_proxy.process import sidecar
 
-                sidecar.run(config, audit_rx, metrics_sock, tls=not plain_http, ready=ready)
+                sidecar.run(self.config, self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
             else:
                 up = partial(_report_ready, ready) if ready is not None else lambda: None
-                asyncio.run(_serve_worker(config, sock, plain_http, replace(shared, admin=slot == 0), up))
+                shared = replace(self.shared, admin=slot == 0)
+                asyncio.run(_serve_worker(self.config, self.sock, self.plain_http, shared, up))
             code = 0
         except XksError as exc:
             log.error("worker cannot start: %s", exc.message)
@@ -348,83 +491,59 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
         finally:
             os._exit(code)
 
-    def signal_workers(signum: int) -> None:
-        for pid, slot in list(children.items()):
-            if slot >= 0:
+    def _reap(self) -> None:
+        """Collect every child that exited; restart a worker or the sidecar unless stopping."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self._exited(pid, status)
+
+    def _exited(self, pid: int, status: int) -> None:
+        slot = self.children.pop(pid, None)
+        if self.metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
+        if slot is None:
+            return
+        if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not self.stopping:
+            log.error("a restarted worker cannot start; stopping all workers (not retrying)")
+            self._stop()
+            self.failed = True
+        if self.stopping:
+            if not self._workers_left():
+                self._stop_sidecar()
+            return
+        log.error("%s %d exited (status %d); starting a new one", "sidecar" if slot < 0 else "worker", pid, status)
+        self._pause(0.5)  # no hot crash loop
+        if not self.stopping:
+            self._spawn(slot)
+
+    def _workers_left(self) -> bool:
+        return any(slot >= 0 for slot in self.children.values())
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self._signal_workers(signal.SIGTERM)
+        if not self._workers_left():
+            self._stop_sidecar()
+
+    def _signal_workers(self, signum: int) -> None:
+        self._kill(signum, lambda slot: slot >= 0)
+
+    def _stop_sidecar(self) -> None:
+        """Once the workers are gone, the sidecar writes what is left of the audit records and stops."""
+        self._kill(signal.SIGTERM, lambda slot: slot < 0)
+
+    def _kill(self, signum: int, which: Callable[[int], bool]) -> None:
+        for pid, slot in list(self.children.items()):
+            if which(slot):
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        signal_workers(signal.SIGTERM)
-        if not any(slot >= 0 for slot in children.values()):
-            stop_sidecar()
-
-    def stop_sidecar() -> None:
-        """Once the workers are gone, the sidecar writes what is left of the audit records and stops."""
-        for pid, slot in list(children.items()):
-            if slot < 0:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda signum, _frame: signal_workers(signal.SIGHUP))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-    if audit_rx is not None or metrics_sock is not None:
-        # The sidecar is up before the workers start: their start (HSM logins above all) then
-        # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
-        ready_r, ready_w = os.pipe()
-        spawn(-1, ready_w)
-        os.close(ready_w)
-        select.select([ready_r], [], [], 5.0)
-        os.close(ready_r)
-    # Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
-    # another process); the others log in only once it serves.
-    first_up = False
-    if not stopping:
-        ready_r, ready_w = os.pipe()
-        spawn(0, ready_w)
-        os.close(ready_w)
-        first_up = _wait_ready(ready_r)
-    if first_up:
-        announce()
-        if metrics_sock is not None:
-            log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_sock.getsockname()[1])
-        for slot in range(1, workers):
-            if not stopping:
-                spawn(slot)
-    elif not stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
-        stopping = failed = True  # the sidecar is stopped below once worker 0 is reaped
-    try:
-        while children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            slot = children.pop(pid, None)
-            if metrics_dir is not None:
-                from prometheus_client import multiprocess
-
-                multiprocess.mark_process_dead(pid, metrics_dir)
-            if slot is None:
-                continue
-            if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not stopping:
-                log.error("a restarted worker cannot start; stopping all workers (not retrying)")
-                stop(signal.SIGTERM, None)
-                failed = True
-            if stopping and not any(s >= 0 for s in children.values()):
-                stop_sidecar()
-            elif not stopping:
-                log.error("%s %d exited (status %d); starting a new one", "sidecar" if slot < 0 else "worker", pid, status)
-                time.sleep(0.5)  # no hot crash loop
-                spawn(slot)
-    finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    return EXIT_CANNOT_START if failed else 0
