@@ -23,7 +23,7 @@ from tests.certs import CA, Leaf, client_context
 from tests.conftest import Client, Home
 from xks_proxy import config as configmod
 from xks_proxy.cli.home import write_config
-from xks_proxy.process.runner import Running, start
+from xks_proxy.process.worker import Running, start
 
 WORKTREE = Path(__file__).resolve().parent.parent
 KMS_NAME = "cks.kms.us-east-1.amazonaws.com"

@@ -32,7 +32,6 @@ KNOWN_BACKEND_IMPORTS: dict[str, str] = {}
 #: Modules over 400 lines whose split is still to do.
 KNOWN_LONG: dict[str, str] = {
     "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
-    "xks_proxy.process.runner": "after the merge of issue 11: supervisor and worker in two modules",
     "keymanager.pkcs11.token": "hot on main (issue 11); docstring to say why after the merge",
 }
 

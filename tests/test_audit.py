@@ -204,7 +204,7 @@ def test_audit_helper_for_other_components(tmp_path) -> None:  # type: ignore[no
 @pytest.mark.vault_only
 async def test_unwritable_audit_file_stops_the_start(home: Home) -> None:
     from xks_proxy.config import ConfigError
-    from xks_proxy.process.runner import start
+    from xks_proxy.process.worker import start
 
     edit_config(home.path, lambda raw: raw.update(audit={"path": "config.toml/audit.log"}))  # its "directory" is a file
     with pytest.raises(ConfigError, match="audit.path: cannot write"):

@@ -21,7 +21,7 @@ from tests.conftest import Home, need, unb64
 from tests.proxy import KMS_NAME, Pki, client_for, edit_config, eventually, running
 from xks_proxy import config as configmod
 from xks_proxy.config import ConfigError
-from xks_proxy.process.runner import start
+from xks_proxy.process.worker import start
 
 # TLS is the same whatever the backend: run once, on the vault.
 pytestmark = pytest.mark.vault_only

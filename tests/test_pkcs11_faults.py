@@ -195,11 +195,11 @@ def test_stop_right_after_ping_answers_never_costs_a_key(shim_home: Home, shim: 
 
 
 def test_a_signal_before_the_supervisor_waits_is_seen_by_the_wait() -> None:
-    """Why the test above once hung (1 cycle in ~120): CPython runs a Python handler only between
+    """Why the test above once hung (1 cycle in ~100): CPython runs a Python handler only between
     bytecodes of the main thread, so a SIGTERM landing just before the supervisor's blocking
     os.wait() was recorded (the C handler ran) but acted on never. The supervisor now waits in
     select() over a wakeup pipe, where a signal that came before the wait is already a byte."""
-    from xks_proxy.process.runner import _SignalPipe
+    from xks_proxy.process.supervisor import _SignalPipe
 
     previous = signal.getsignal(signal.SIGHUP)
     pipe = _SignalPipe(frozenset({signal.SIGHUP}))

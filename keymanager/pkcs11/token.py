@@ -361,7 +361,7 @@ def signals_deferred() -> Iterator[None]:
 
     For a short-lived process (the CLI) around calls that write the token: SoftHSM rewrites its
     token file on C_Login and C_GenerateKey, and a process killed in the middle leaves it empty.
-    (A serving process defers its stop in its event loop instead; see xks_proxy/process/runner.py.)
+    (A serving process defers its stop in its event loop instead; see xks_proxy/process/worker.py.)
     """
     held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)

@@ -29,7 +29,6 @@ from cryptography import x509
 from xks_proxy.access import tlshooks
 from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.tls_transport import refused_in_handshake
-from xks_proxy.access.tls_transport import TlsSite as TlsSite  # re-exported: process/runner.py imports it from here
 from xks_proxy.config import Config
 
 log = logging.getLogger("xks_proxy.tls")

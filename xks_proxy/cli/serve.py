@@ -62,7 +62,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xks_proxy.process.runner import ListenError, serve
+    from xks_proxy.process.supervisor import ListenError, serve
 
     _setup_logging(args.log_level)
     config = configmod.load(configmod.home_dir(args.home), shared=False)
@@ -77,8 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """runner.listen, its refusal as a one-line CommandError."""
-    from xks_proxy.process.runner import ListenError, listen
+    """supervisor.listen, its refusal as a one-line CommandError."""
+    from xks_proxy.process.supervisor import ListenError, listen
 
     try:
         return listen(host, port)
@@ -88,7 +88,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Bind first, then make the home and print how to call it: a failed start prints no credentials."""
-    from xks_proxy.process.runner import serve
+    from xks_proxy.process.supervisor import serve
 
     port = args.port or 8443
     host = args.host or "127.0.0.1"  # what init_home writes as server.host

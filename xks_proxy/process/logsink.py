@@ -56,7 +56,7 @@ class LineBatch:
 
     def _run(self) -> None:
         # Process signals are the main thread's business. (Whichever thread takes one, the
-        # supervisor and the event loops learn of it through their wakeup fd; see runner.py.)
+        # supervisor and the event loops learn of it through their wakeup fd; see supervisor.py.)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
         while not self._stop.wait(self._interval):
             self.flush()

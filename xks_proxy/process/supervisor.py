@@ -1,18 +1,16 @@
-"""Running the server: one process, or a supervisor with N pre-forked workers on one socket.
+"""Serving as processes: `serve()`, and the supervisor of N pre-forked workers on one socket.
 
-`start()` brings one worker up on the running event loop (key manager, app, HTTPS listener
-with mutual TLS, config and TLS reload, audit, metrics) and returns a handle; tests call it
-directly, so they exercise the same code as production. `serve()` binds the socket and runs
-one worker in-process, or supervises several.
-
-With `--workers N > 1` the supervisor binds the listening socket, forks N workers that each
-build their own key manager after the fork (no SQLite connection or PKCS#11 session crosses a
-fork): worker 0 alone first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that dies (but stops when a worker cannot start at all, see
-EXIT_CANNOT_START), passes SIGTERM/SIGINT on for a graceful stop and SIGHUP on for a reload
-(it learns of each signal from a wakeup pipe it selects on, see _SignalPipe). Every worker watches the vault, config.toml and the TLS files itself, so changes
-reach all of them within a second. Each worker holds 1/N of the throttle limits. A sidecar
-process (sidecar.py) writes the one audit file and serves the metrics of all workers. The
-admin listener (admin.py), if enabled, runs in one process only (worker 0): its port is single.
+`serve()` checks what would stop a start (a certificate that cannot serve, an audit file that
+cannot be written), binds the socket, and runs one worker in-process (worker.py) or supervises
+several. With `--workers N > 1` the supervisor forks N workers that each build their own key
+manager after the fork (no SQLite connection or PKCS#11 session crosses a fork): worker 0 alone
+first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that
+dies (but stops when a worker cannot start at all, see EXIT_CANNOT_START), passes SIGTERM/SIGINT
+on for a graceful stop and SIGHUP on for a reload, and learns of each signal from a wakeup pipe
+it selects on (_SignalPipe says why). Every worker watches the vault, config.toml and the TLS
+files itself, so changes reach all of them within a second. Each worker holds 1/N of the
+throttle limits. A sidecar process (sidecar.py) writes the one audit file and serves the metrics
+of all workers. The admin listener, if enabled, runs in worker 0 only: its port is single.
 """
 
 from __future__ import annotations
@@ -27,138 +25,21 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, Coroutine, NoReturn
+from typing import Callable, NoReturn
 
-from aiohttp import web
-
-from keymanager import create_key_manager
 from xks_proxy.access import audit
-from xks_proxy.access.audit import AuditLog
+from xks_proxy.access.metrics import NoMetrics
+from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.config import Config, ConfigError
-from xks_proxy.access.connections import GuardedSite, Guards, redact_aiohttp_logs
 from xks_proxy.errors import XksError
-from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
-from xks_proxy.access.mtls import TlsError, TlsManager, TlsSite
-from xks_proxy.process.reload import Reloader
-from xks_proxy.server import XksServer
+from xks_proxy.process.worker import HANDLED_SIGNALS, Shared, serve_worker
 
 log = logging.getLogger("xks_proxy")
 #: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
 #: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
 EXIT_CANNOT_START = 3
-#: How long a stop waits for a start-up still inside the key manager (an HSM login) before exiting.
-STOP_GRACE_SECONDS = 15.0
-_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-
-
-@dataclass(frozen=True)
-class Shared:
-    """What a worker gets from its supervisor: its share of the limits, where audit records go."""
-
-    workers: int
-    audit_socket: socket.socket | None
-    admin: bool = False  # this worker runs the admin listener
-
-
-@dataclass
-class Running:
-    """A started worker: its ports and what `close()` must stop."""
-
-    server: XksServer
-    port: int
-    tls: TlsManager | None
-    reloader: Reloader
-    metrics_port: int | None = None
-    guards: Guards | None = None  # open connections of the XKS listener
-    _runners: list[web.AppRunner] = field(default_factory=list)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _audit: AuditLog | None = None
-
-    async def close(self) -> None:
-        await self.reloader.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        if self._audit is not None:
-            self._audit.close()
-
-
-async def start(
-    config: Config,
-    host: str | None = None,
-    port: int | None = None,
-    plain_http: bool = False,
-    reload_interval: float = 0.5,
-    sock: socket.socket | None = None,
-    shared: Shared | None = None,
-) -> Running:
-    """Serve in the background on `sock` (or bind host:port). Raises ConfigError for a certificate that cannot serve."""
-    host = host or config.server.host
-    port = config.server.port if port is None else port
-    if sock is not None:  # a fleet names this proxy by the port it really serves on
-        config = replace(config, server=replace(config.server, port=sock.getsockname()[1]))
-    metrics = Metrics() if config.metrics.enabled else NoMetrics()
-    tls: TlsManager | None = None
-    if plain_http and config.tls.client_ca is not None:
-        log.warning("tls.client_ca is set but serving plain HTTP: client certificates are the balancer's job now")
-    if not plain_http:
-        try:
-            tls = TlsManager(config, metrics)
-        except TlsError as exc:
-            raise ConfigError(str(exc)) from None
-    audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
-    key_manager = create_key_manager(config)
-    server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
-    reloader = Reloader(config, server.apply_config, tls, metrics, reload_interval)
-    if server.fleet is not None:
-        server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
-    running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
-    app = server.app()
-    if config.admin.enabled and (shared is None or shared.admin):
-        from xks_proxy.admin import api as admin_api
-
-        admin_api.attach(app, config, key_manager)
-    try:
-        guards = Guards(config.server)
-        app.middlewares.append(guards.middleware)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=10, logger=redact_aiohttp_logs(),
-            keepalive_timeout=config.server.idle_timeout_seconds,  # the guard's idle deadline enforces the same
-            lingering_time=2.0,  # after an answer sent before the body was read (413, 408): not aiohttp's 10 s
-        )  # fmt: skip
-        await runner.setup()
-        running._runners.append(runner)
-        site = TlsSite(runner, tls, guards, host, port, sock) if tls else GuardedSite(runner, guards, host, port, sock)
-        await site.start()
-        running.port = sock.getsockname()[1] if sock else site.port
-        running.guards = guards
-        if isinstance(metrics, Metrics):
-            running._tasks.append(asyncio.create_task(metrics.watch_health(server.key_manager)))
-            if shared is None:  # one process serves its own metrics; workers' are served by the sidecar
-                running.metrics_port = await _serve_metrics(running, metrics, config)
-        reloader.start()
-    except BaseException:
-        await running.close()
-        raise
-    return running
-
-
-async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> int:
-    registry = with_cert_expiry(metrics.registry, lambda: running.tls.expiry() if running.tls else {})
-    runner = web.AppRunner(exposition_app(registry), access_log=None)
-    await runner.setup()
-    running._runners.append(runner)
-    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
-    port = int(runner.addresses[0][1])
-    log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
-    return port
-
-
-# --- processes -----------------------------------------------------------------------------------
 
 
 def serve(
@@ -187,19 +68,14 @@ def serve(
     )
     # Stop and reload signals wait (blocked) until a handler that defers them is in place: a
     # process killed inside a PKCS#11 call (a login rewrites SoftHSM's token file) can lose every key.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         if workers <= 1:
-            asyncio.run(_serve_worker(config, sock, plain_http, None, announce))
+            asyncio.run(serve_worker(config, sock, plain_http, None, announce))
             return 0
         return _supervise(config, sock, plain_http, workers, announce)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
-
-
-def _report_ready(ready: int) -> None:
-    os.write(ready, b"+")
-    os.close(ready)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 class ListenError(Exception):
@@ -232,69 +108,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve_worker(
-    config: Config, sock: socket.socket, plain_http: bool, shared: Shared | None, ready: Callable[[], object]
-) -> None:
-    """Start, call `ready()`, serve until SIGTERM/SIGINT, close. Entered with those signals blocked.
-
-    From here on a stop only sets an event: one that arrives while the key manager starts (an
-    HSM login in progress) waits for the start to return, then closes the sessions and exits,
-    so no PKCS#11 call is ever cut short by a signal (bounded by STOP_GRACE_SECONDS).
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    running: Running | None = None
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: running.reloader.trigger() if running else None)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
-    try:
-        running = await _start_unless_stopped(start(config, plain_http=plain_http, sock=sock, shared=shared), stop)
-        if running is None:
-            return
-        try:
-            ready()
-            await stop.wait()
-        finally:
-            await running.close()
-            running.server.key_manager.release()
-    finally:
-        _ignore_signals(loop)
-
-
-def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
-    """Once the key manager is closed and released, later signals are ignored.
-
-    Not earlier: asyncio's remove_signal_handler sets SIG_DFL before SIG_IGN can follow, and a
-    worker gets two SIGTERMs (the process group's and the supervisor's copy); the second, landing
-    in that instant during an HSM login, would kill the process inside C_Login. Until here every
-    one only sets the stop event again. Not later: asyncio.run closes the loop's wakeup pipe before
-    it removes the handlers, and a signal in between prints a traceback.
-    """
-    for signum in _HANDLED:
-        loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.SIG_IGN)
-
-
-async def _start_unless_stopped(starting: Coroutine[Any, Any, Running], stop: asyncio.Event) -> Running | None:
-    """The started worker, or None if a stop came first (the start is let finish, then closed)."""
-    task = asyncio.ensure_future(starting)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not task.done():  # never cancelled: that would leave a PKCS#11 call running under an exiting process
-        await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
-        if not task.done():
-            log.error("stopping: start-up still inside the key manager after %g s; exiting anyway", STOP_GRACE_SECONDS)
-            os._exit(1)
-    running = task.result()
-    if not stop.is_set():
-        return running
-    await running.close()
-    running.server.key_manager.release()
-    return None
-
-
 def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
     """Run `_Supervisor` until every child is gone. Entered with the stop signals blocked."""
     supervisor = _Supervisor(config, sock, plain_http, workers)
@@ -314,7 +127,7 @@ class _SignalPipe:
     CPython runs a Python signal handler only between bytecodes of the main thread. A signal
     that lands after the last such check and before a blocking call (os.wait, os.read) is
     recorded, but nothing interrupts the call, and the handler waits for the call to return: with
-    idle workers, never (the supervisor then hung on a stop, about once in 120 starts). With
+    idle workers, never (the supervisor then hung on a stop, about once in 100 on a busy machine). With
     `set_wakeup_fd` the C-level handler also writes the signal's number to this pipe, and every
     wait of the supervisor is a select() that includes the pipe: a signal that came before the
     wait or during it is seen either way. The Python handlers do nothing; the supervisor acts on
@@ -354,6 +167,12 @@ class _SignalPipe:
         os.close(self._write_fd)
 
 
+def _report_ready(ready: int) -> None:
+    """In a child: tell the supervisor waiting on this pipe that it serves (EOF would say it died)."""
+    os.write(ready, b"+")
+    os.close(ready)
+
+
 class _Supervisor:
     """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
     only once it is up; then restart workers that die.
@@ -377,8 +196,8 @@ class _Supervisor:
         self.signals: _SignalPipe | None = None
 
     def run(self, announce: Callable[[], object]) -> int:
-        self.signals = _SignalPipe(_HANDLED | {signal.SIGCHLD})
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)  # from here on a signal is a byte on the pipe
+        self.signals = _SignalPipe(HANDLED_SIGNALS | {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # from here on a signal is a byte on the pipe
         if self.audit_rx is not None or self.metrics_sock is not None:
             # The sidecar is up before the workers start: their start (HSM logins above all) then
             # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
@@ -452,17 +271,17 @@ class _Supervisor:
         return ready_r
 
     def _spawn(self, slot: int, ready: int | None = None) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # the child starts with them blocked
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # the child starts with them blocked
         try:
             pid = os.fork()
             if pid == 0:
                 self._child(slot, ready)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.children[pid] = slot
 
     def _child(self, slot: int, ready: int | None) -> NoReturn:
-        """A worker keeps the stop signals blocked until `_serve_worker` defers them."""
+        """A worker keeps the stop signals blocked until `serve_worker` defers them."""
         code = 1
         try:
             assert self.signals is not None
@@ -471,14 +290,14 @@ class _Supervisor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
                 from xks_proxy.process import sidecar
 
                 sidecar.run(self.config, self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
             else:
                 up = partial(_report_ready, ready) if ready is not None else lambda: None
                 shared = replace(self.shared, admin=slot == 0)
-                asyncio.run(_serve_worker(self.config, self.sock, self.plain_http, shared, up))
+                asyncio.run(serve_worker(self.config, self.sock, self.plain_http, shared, up))
             code = 0
         except XksError as exc:
             log.error("worker cannot start: %s", exc.message)
