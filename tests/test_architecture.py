@@ -14,9 +14,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from tests.support import ROOT
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("xks_proxy", "keymanager")
 BACKENDS = ("vault", "pkcs11")
 REGISTRY = "keymanager.registry"

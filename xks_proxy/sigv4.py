@@ -1,6 +1,6 @@
 """AWS Signature Version 4 for the XKS API: verification on the hot path, and signing for clients.
 
-Every decision here is tested against botocore's signer (tests/test_sigv4.py). Verification
+Every decision here is tested against botocore's signer (tests/server/test_sigv4.py). Verification
 runs on every request, so the HMAC chain that derives the signing key from (secret, date,
 region, service) is cached: it changes once a day per credential, not per request.
 """

@@ -4,7 +4,7 @@ Every vault, on either engine, is made by schema 1 plus every migration, in one 
 so the upgrade path is the path every vault takes and a migration is written once. The version
 is meta 'schema'; the change counter the servers watch is meta 'generation'. Vaults made before
 this module (SQLite files; PostgreSQL databases, which began at schema 2) have exactly these
-tables (tests/test_vault_sql.py compares the catalogs).
+tables (tests/keymanager/vault/test_vault_sql.py compares the catalogs).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`xks-proxy init|serve|demo`: make a home, serve it, or both at once for a first try; the server log.
 
 `demo` binds its port before it makes the home and prints credentials, so a start that fails
-prints nothing that claims success and leaves no home behind (tests/test_startup.py).
+prints nothing that claims success and leaves no home behind (tests/process/test_startup.py).
 """
 
 from __future__ import annotations

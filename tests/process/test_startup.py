@@ -1,0 +1,91 @@
+"""Start-up failures as an operator meets them: `serve` and `demo` as real processes that cannot bind.
+
+A port another process listens on, and an address that is not this machine's (192.0.2.1,
+TEST-NET-1: the bind fails with EADDRNOTAVAIL without a packet sent). Each must be one line on
+stderr, a non-zero exit, no traceback, and nothing before it that claims success: no
+"serving" line, and for the demo no credentials, no curl line, and no home left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support.proxy import WORKTREE, cli
+
+FOREIGN_ADDRESS = "192.0.2.1"
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A port another process (here: this one) listens on."""
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        yield occupant.getsockname()[1]
+
+
+@pytest.fixture
+def foreign_address() -> str:
+    with socket.socket() as probe:
+        try:
+            probe.bind((FOREIGN_ADDRESS, 0))
+        except OSError as exc:
+            assert exc.errno == errno.EADDRNOTAVAIL
+            return FOREIGN_ADDRESS
+    pytest.skip(f"{FOREIGN_ADDRESS} is an address of this machine")
+
+
+def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    """The real CLI with its own TMPDIR, so a demo home it leaves behind would show there."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(WORKTREE), TMPDIR=str(tmp / "tmp"), XKS_PROXY_HOME=str(tmp / "home"))
+    return subprocess.run(
+        [sys.executable, "-m", "xks_proxy.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def _assert_one_line_failure(result: subprocess.CompletedProcess[str], where: str, why: str) -> None:
+    assert result.returncode == 1, result
+    assert result.stdout == "", "nothing printed before the failure (no credentials, no curl line)"
+    assert result.stderr.splitlines() == [f"xks-proxy: cannot listen on {where}: {why}"], result.stderr
+
+
+WHY_IN_USE = "Address already in use (another process listens there)"
+WHY_FOREIGN = "Cannot assign requested address (not an address of this machine)"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_serve_on_a_port_in_use(tmp_path: Path, port_in_use: int, workers: int) -> None:
+    assert cli(tmp_path / "home", "init").returncode == 0
+    result = _run(["serve", "--port", str(port_in_use), "--workers", str(workers)], tmp_path)
+    _assert_one_line_failure(result, f"127.0.0.1:{port_in_use}", WHY_IN_USE)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_serve_on_an_address_not_on_this_machine(tmp_path: Path, foreign_address: str, workers: int) -> None:
+    assert cli(tmp_path / "home", "init").returncode == 0
+    result = _run(["serve", "--host", foreign_address, "--port", "8443", "--workers", str(workers), "--http"], tmp_path)
+    _assert_one_line_failure(result, f"{foreign_address}:8443", WHY_FOREIGN)
+
+
+@pytest.mark.parametrize("http", [False, True], ids=["https", "http"])
+def test_demo_on_a_port_in_use_prints_no_credentials_and_leaves_no_home(tmp_path: Path, port_in_use: int, http: bool) -> None:
+    result = _run(["demo", "--port", str(port_in_use), *(["--http"] if http else [])], tmp_path)
+    _assert_one_line_failure(result, f"127.0.0.1:{port_in_use}", WHY_IN_USE)
+    assert list((tmp_path / "tmp").iterdir()) == [], "no half-made demo home in TMPDIR"
+
+
+@pytest.mark.parametrize("http", [False, True], ids=["https", "http"])
+def test_demo_on_an_address_not_on_this_machine(tmp_path: Path, foreign_address: str, http: bool) -> None:
+    home = tmp_path / "demo-home"
+    result = _run(["demo", "--home", str(home), "--host", foreign_address, "--port", "8443", *(["--http"] if http else [])], tmp_path)
+    _assert_one_line_failure(result, f"{foreign_address}:8443", WHY_FOREIGN)
+    assert not home.exists(), "no demo home made"
