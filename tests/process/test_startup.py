@@ -89,3 +89,17 @@ def test_demo_on_an_address_not_on_this_machine(tmp_path: Path, foreign_address:
     result = _run(["demo", "--home", str(home), "--host", foreign_address, "--port", "8443", *(["--http"] if http else [])], tmp_path)
     _assert_one_line_failure(result, f"{foreign_address}:8443", WHY_FOREIGN)
     assert not home.exists(), "no demo home made"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_with_its_metrics_port_in_use(tmp_path: Path, port_in_use: int, workers: int) -> None:
+    """The metrics listener is bound like the XKS one: one line, no traceback, no "serving" line."""
+    from tests.support.lifecycle import patch_config
+
+    assert cli(tmp_path / "home", "init").returncode == 0
+    patch_config(tmp_path / "home", metrics={"enabled": True, "port": port_in_use})
+    result = _run(["serve", "--port", "0", "--workers", str(workers), "--http"], tmp_path)
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr and "serving" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port_in_use}: {WHY_IN_USE}" in lines[0], result.stderr

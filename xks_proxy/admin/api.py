@@ -53,6 +53,7 @@ from xks_proxy.errors import (
     ValidationException,
     XksError,
 )
+from xks_proxy.process.sockets import listen
 from xks_proxy.access.mtls import server_context
 
 log = logging.getLogger("xks_proxy.admin")
@@ -356,7 +357,7 @@ class AdminListener:
         await self.api.open()
         self._runner = web.AppRunner(self.api.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, admin.host, admin.port, ssl_context=tls_context(admin))
+        site = web.SockSite(self._runner, listen(admin.host, admin.port), ssl_context=tls_context(admin))
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("admin API on https://%s:%d/admin/v1", admin.host, self.port)

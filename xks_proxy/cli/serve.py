@@ -62,7 +62,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xks_proxy.process.supervisor import ListenError, serve
+    from xks_proxy.process.sockets import ListenError
+    from xks_proxy.process.supervisor import serve
 
     _setup_logging(args.log_level)
     config = configmod.load(configmod.home_dir(args.home), shared=False)
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _listen(host: str, port: int) -> socket.socket:
     """supervisor.listen, its refusal as a one-line CommandError."""
-    from xks_proxy.process.supervisor import ListenError, listen
+    from xks_proxy.process.sockets import ListenError, listen
 
     try:
         return listen(host, port)

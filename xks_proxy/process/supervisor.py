@@ -16,7 +16,6 @@ of all workers. The admin listener, if enabled, runs in worker 0 only: its port 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import select
@@ -34,6 +33,7 @@ from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
+from xks_proxy.process.sockets import ListenError, listen
 from xks_proxy.process.worker import HANDLED_SIGNALS, Shared, serve_worker
 
 log = logging.getLogger("xks_proxy")
@@ -76,36 +76,6 @@ def serve(
         return _supervise(config, sock, plain_http, workers, announce)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-
-
-class ListenError(Exception):
-    """host:port cannot be listened on (in use, not an address of this machine, ...), as one line."""
-
-
-#: What to tell the operator beside the system's words, for the usual reasons.
-_LISTEN_HINTS = {
-    errno.EADDRINUSE: "another process listens there",
-    errno.EADDRNOTAVAIL: "not an address of this machine",
-    errno.EACCES: "ports below 1024 need privileges",
-}
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket the workers share. Bound before the server says or makes anything, so a
-    port in use or a foreign address is one ListenError line, with no claim of success before it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        hint = _LISTEN_HINTS.get(exc.errno or 0)
-        raise ListenError(f"cannot listen on {host}:{port}: {reason}" + (f" ({hint})" if hint else "")) from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
@@ -304,6 +274,9 @@ class _Supervisor:
             code = EXIT_CANNOT_START
         except ConfigError as exc:
             log.error("worker cannot start: configuration error: %s", exc)
+            code = EXIT_CANNOT_START
+        except ListenError as exc:
+            log.error("worker cannot start: %s", exc)
             code = EXIT_CANNOT_START
         except BaseException:
             log.exception("%s failed", "sidecar" if slot < 0 else "worker")

@@ -27,6 +27,7 @@ from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_ce
 from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.access.tls_transport import TlsSite
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.process.sockets import listen
 from xks_proxy.process.reload import Reloader
 from xks_proxy.server import XksServer
 
@@ -136,7 +137,7 @@ async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> 
     runner = web.AppRunner(exposition_app(registry), access_log=None)
     await runner.setup()
     running._runners.append(runner)
-    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
+    await web.SockSite(runner, listen(config.metrics.host, config.metrics.port)).start()
     port = int(runner.addresses[0][1])
     log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
     return port
