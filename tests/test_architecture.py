@@ -30,10 +30,7 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {}
 #: Imports of backend internals from outside, besides the registry. Empty is the goal.
 KNOWN_BACKEND_IMPORTS: dict[str, str] = {}
 #: Modules over 400 lines whose split is still to do.
-KNOWN_LONG: dict[str, str] = {
-    "keymanager.pkcs11.manager": "hot on main (issue 11); docstring to say why after the merge",
-    "keymanager.pkcs11.token": "hot on main (issue 11); docstring to say why after the merge",
-}
+KNOWN_LONG: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -7,16 +7,13 @@ from typing import Any
 from pkcs11 import Attribute, KeyType
 
 from keymanager.base import KeyAdminError, KeyInfo, KeyUsage
+from keymanager.pkcs11.errors import HsmError, PKCS11Error, ckr_name, lost_or_failed
 from keymanager.pkcs11.token import (
-    HsmError,
     Library,
-    PKCS11Error,
     TokenKey,
-    ckr_name,
     describe,
     duplicate_message,
     find,
-    lost_or_failed,
     scan,
     signals_deferred,
 )

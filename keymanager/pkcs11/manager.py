@@ -18,6 +18,10 @@ take the manager down: idle sessions are dropped, calls in flight are let finish
 finalised and initialised again, and the pool reopened, retrying with backoff until the token is
 back. Meanwhile requests fail at once with InternalException (KMS retries those) and health says
 UNAVAILABLE. A refused PIN is never retried (it would lock the HSM account).
+
+One cohesive thing, over 400 lines on purpose: the session pool, the recovery and the health
+state are one state machine on the event loop (a lost device empties the pool, recovery refills
+it, health reads both); split over modules, each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -33,22 +37,16 @@ from typing import Any, Callable, TypeVar
 
 from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
 from keymanager.pkcs11.config import Pkcs11Config
+from keymanager.pkcs11.errors import HsmError, LoginRefused, PKCS11Error, StaleHandle, TokenLost, lost_or_failed, raise_mapped
 from keymanager.pkcs11.token import (
-    HsmError,
     Library,
-    LoginRefused,
-    PKCS11Error,
-    StaleHandle,
     TokenKey,
-    TokenLost,
     check_token,
     describe,
     duplicate_message,
     find,
     gcm_decrypt,
     gcm_encrypt,
-    lost_or_failed,
-    raise_mapped,
     scan,
 )
 from xks_proxy.errors import (

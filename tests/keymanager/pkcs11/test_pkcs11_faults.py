@@ -245,7 +245,7 @@ def test_return_codes_are_logged_by_name(code: int, name: str) -> None:
     """A raw CK_RV and every python-pkcs11 exception class carry the spec's CKR_ name."""
     from pkcs11 import exceptions as p11
 
-    from keymanager.pkcs11.token import CKR_NAMES, ckr_name, code_name
+    from keymanager.pkcs11.errors import CKR_NAMES, ckr_name, code_name
 
     assert code_name(code) == name
     assert ckr_name(p11.PKCS11Error(f"Unmapped error code {hex(code)}")) == name
