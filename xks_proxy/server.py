@@ -3,11 +3,11 @@
 It knows key managers only through `keymanager.base.KeyManager`, and errors only through
 `xks_proxy.errors`: every failure becomes one single-line JSON body here, in `_respond_error`.
 Order of work per request: route (an unknown prefix or path is answered before any signature
-check), read the body under a cap and a timeout, take an in-flight slot, verify SigV4 against the store's credentials, check the
-content type, parse and validate, charge the store's rate quota, apply the store's policy,
-call the key manager, answer, then one record to the access log, the audit log and the
-metrics. Admission control (throttle.py), policy (policy.py), audit (audit.py) and metrics
-(metrics.py) live in their own modules; this file only calls them.
+check), read the body under a cap and a timeout, take an in-flight slot, verify SigV4 against
+the store's credentials, check the content type, parse and validate, charge the store's rate
+quota, apply the store's policy, call the key manager, answer, then one record to the access
+log, the audit log and the metrics. Admission control, policy, audit and metrics live in
+`access/`; this file only calls them.
 """
 
 from __future__ import annotations
