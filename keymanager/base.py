@@ -310,6 +310,10 @@ class Fleet(Protocol):
 
     def shared_storage(self, config: "Config") -> SharedStorage: ...
 
+    def seal_record(self, dsn: str) -> Any:
+        """The fleet's seal record (`keymanager.seal.record`): read() -> SealRecord | None, write(record)."""
+        ...
+
     def move_into(self, config: "Config", copy_local: bool) -> int:
         """Create the shared database's tables and copy the local keys into it (only into an empty
         one: KeyRefused otherwise); returns the number of keys copied."""

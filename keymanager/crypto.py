@@ -122,17 +122,26 @@ class DataKey:
 
 
 class MasterKey:
-    """The key every secret at rest is sealed under. Loaded from a 0600 file or the environment."""
+    """The key every secret at rest is sealed under. Opened by the home's seal (`keymanager.seal`).
 
-    __slots__ = ("_gcm",)
+    `key_id` names it without revealing it (the seal's keyring and a rotation refer to it).
+    """
+
+    __slots__ = ("_gcm", "_material", "key_id")
 
     def __init__(self, material: bytes) -> None:
         if len(material) != KEY_BYTES:
             raise ValueError("the master key must be 32 bytes (base64 of 32 random bytes)")
         self._gcm = AESGCM(material)
+        self._material = bytes(material)
+        self.key_id = hashlib.sha256(b"xks-proxy master key id" + material).hexdigest()[:16]
 
     def __repr__(self) -> str:
-        return "MasterKey(<hidden>)"
+        return f"MasterKey(id={self.key_id})"
+
+    @classmethod
+    def generate(cls) -> "MasterKey":
+        return cls(new_key_bytes())
 
     @classmethod
     def from_text(cls, text: str) -> "MasterKey":
@@ -176,6 +185,216 @@ class MasterKey:
         """Generate (or take) key material, returning it sealed and as a ready DataKey."""
         material = material if material is not None else new_key_bytes()
         return self.seal(material, context), DataKey(material)
+
+
+# --- seals: the key-encryption key (KEK) the master key is wrapped under ----------------------
+
+ARGON2_DEFAULTS = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
+
+
+class ShareError(ValueError):
+    """A refused unseal share. The message never quotes the share (SLIP-39's own errors do)."""
+
+
+class Kek:
+    """A seal's key-encryption key: the master key rests only wrapped under it (AES-256-GCM).
+
+    Where it comes from is the seal's business (`keymanager.seal`): SLIP-39 shares, Argon2id of a
+    passphrase, a file; the HSM seal keeps its KEK in the HSM and has its own class with the same
+    `wrap`/`unwrap`. The bytes stay inside the cipher object, as a DataKey's do.
+    """
+
+    __slots__ = ("_gcm",)
+
+    def __init__(self, material: bytes) -> None:
+        if len(material) != KEY_BYTES:
+            raise ValueError("a key-encryption key is 32 bytes")
+        self._gcm = AESGCM(material)
+
+    def __repr__(self) -> str:
+        return "Kek(<hidden>)"
+
+    # where a KEK comes from
+
+    @classmethod
+    def generate_shares(cls, threshold: int, count: int) -> tuple["Kek", list[str], int]:
+        """A new random KEK, split with SLIP-39 (`shamir-mnemonic`): (kek, mnemonics, identifier)."""
+        import shamir_mnemonic
+
+        material = new_key_bytes()
+        mnemonics = shamir_mnemonic.generate_mnemonics(1, [(threshold, count)], material)[0]
+        return cls(material), mnemonics, share_identifier(mnemonics[0])
+
+    @classmethod
+    def from_shares(cls, mnemonics: list[str]) -> "Kek":
+        import shamir_mnemonic
+
+        try:
+            return cls(shamir_mnemonic.combine_mnemonics(mnemonics))
+        except (shamir_mnemonic.MnemonicError, ValueError):
+            raise ShareError("these shares do not combine (shares of different vaults or sets?)") from None
+
+    @classmethod
+    def from_passphrase(cls, passphrase: bytes, salt: bytes, memory_kib: int, iterations: int, lanes: int) -> "Kek":
+        """Argon2id (RFC 9106) of the passphrase; parameters are stored beside the wrapped key."""
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+        if not (8 * lanes <= memory_kib <= 4 * 1024 * 1024 and 1 <= iterations <= 64 and 1 <= lanes <= 64 and len(salt) >= 16):
+            raise ValueError("the seal's Argon2id parameters are out of range")
+        return cls(Argon2id(salt=salt, length=KEY_BYTES, iterations=iterations, lanes=lanes, memory_cost=memory_kib).derive(passphrase))
+
+    @classmethod
+    def from_text(cls, text: str) -> "Kek":
+        """A KEK kept in a file (the `file` seal): base64 of 32 bytes, as master.key always was."""
+        try:
+            material = base64.b64decode(text.strip(), validate=True)
+        except ValueError:
+            raise ValueError("the key file is not valid base64") from None
+        if len(material) != KEY_BYTES:
+            raise ValueError("the key file must hold base64 of 32 random bytes")
+        return cls(material)
+
+    @classmethod
+    def of_master(cls, master: MasterKey) -> "Kek":
+        """A home from before seals: its master.key is the master key, and also the KEK of its keyring."""
+        return cls(master._material)
+
+    # what a KEK does
+
+    def wrap(self, master: MasterKey) -> bytes:
+        return self.seal(master._material, "xks-proxy master key " + master.key_id)
+
+    def unwrap(self, blob: bytes, key_id: str) -> MasterKey:
+        """The master key `key_id` from its wrapped form. ValueError: another KEK, or altered."""
+        master = MasterKey(self.open(blob, "xks-proxy master key " + key_id))
+        if master.key_id != key_id:
+            raise ValueError("the unwrapped master key is not the one the keyring names")
+        return master
+
+    def seal(self, secret: bytes, context: str) -> bytes:
+        iv = new_iv()
+        return _SEAL_VERSION + iv + self._gcm.encrypt(iv, secret, context.encode())
+
+    def open(self, blob: bytes, context: str) -> bytes:
+        if len(blob) < 1 + IV_BYTES + TAG_BYTES or blob[:1] != _SEAL_VERSION:
+            raise ValueError("the wrapped master key is malformed")
+        try:
+            return self._gcm.decrypt(blob[1 : 1 + IV_BYTES], blob[1 + IV_BYTES :], context.encode())
+        except InvalidTag:
+            raise ValueError("the wrapped master key does not open with this seal (wrong shares or passphrase)") from None
+
+
+class Keyring:
+    """The opened master keys of a home: the current one seals, every one it holds opens.
+
+    Used wherever a `MasterKey` is (same `seal`/`unseal`/... methods), so the vault, the store
+    credentials and backups need not know a rotation exists. Mid-rotation (`keymanager.seal`) it
+    holds the new key and the one being retired; a blob that opens under none of them makes it
+    re-read the seal record once (another process rotated) through `refresh`, which returns the
+    (key id -> wrapped key) map the KEK unwraps.
+    """
+
+    __slots__ = ("_kek", "_masters", "current", "_refresh", "_refreshed_at", "seal_kind")
+
+    def __init__(
+        self, kek: "Kek | Any", current: MasterKey, others: tuple[MasterKey, ...] = (), refresh: "Any" = None, seal: str = "file"
+    ) -> None:
+        self.seal_kind = seal  # the kind of seal that opened it (keymanager.seal)
+        self._kek = kek
+        self.current = current
+        self._masters = {m.key_id: m for m in (current, *others)}
+        self._refresh = refresh
+        self._refreshed_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"Keyring(current={self.current.key_id}, keys={len(self._masters)})"
+
+    @property
+    def kek(self) -> "Kek | Any":
+        return self._kek
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(self._masters)
+
+    def master(self, key_id: str) -> MasterKey:
+        return self._masters[key_id]
+
+    def adopt(self, current_id: str, wrapped: dict[str, bytes]) -> None:
+        """Take the record's keys: unwrap those not held yet with the KEK; drop those it no longer names."""
+        masters = {kid: self._masters.get(kid) or self._kek.unwrap(blob, kid) for kid, blob in wrapped.items()}
+        self._masters = masters
+        self.current = masters[current_id]
+
+    def _try_refresh(self) -> bool:
+        import time
+
+        if self._refresh is None or time.monotonic() - self._refreshed_at < 0.2:
+            return False
+        self._refreshed_at = time.monotonic()
+        try:
+            current_id, wrapped = self._refresh()
+            before = set(self._masters)
+            self.adopt(current_id, wrapped)
+        except (OSError, ValueError, KeyError):
+            return False
+        return set(self._masters) != before
+
+    # the MasterKey interface
+
+    def seal(self, secret: bytes, context: str) -> bytes:
+        return self.current.seal(secret, context)
+
+    def unseal(self, blob: bytes, context: str) -> bytes:
+        for attempt in (0, 1):
+            for master in (self.current, *[m for m in self._masters.values() if m is not self.current]):
+                try:
+                    return master.unseal(blob, context)
+                except ValueError as exc:
+                    error = exc
+            if attempt == 0 and not self._try_refresh():
+                break
+        raise error
+
+    def seal_text(self, secret: str, context: str) -> str:
+        return base64.b64encode(self.seal(secret.encode(), context)).decode()
+
+    def unseal_text(self, sealed: str, context: str) -> str:
+        try:
+            blob = base64.b64decode(sealed, validate=True)
+        except ValueError:
+            raise ValueError(f"sealed value for {context} is not base64") from None
+        return self.unseal(blob, context).decode()
+
+    def data_key(self, sealed: bytes, context: str) -> DataKey:
+        return DataKey(self.unseal(sealed, context))
+
+    def seal_new_key(self, context: str, material: bytes | None = None) -> tuple[bytes, DataKey]:
+        return self.current.seal_new_key(context, material)
+
+    def reseal(self, blob: bytes, context: str) -> bytes | None:
+        """`blob` sealed under the current key, or None if it already is (a rotation's step)."""
+        try:
+            self.current.unseal(blob, context)
+            return None
+        except ValueError:
+            return self.current.seal(self.unseal(blob, context), context)
+
+
+def share_identifier(mnemonic: str) -> int:
+    """The SLIP-39 set identifier of one share (checksum checked). ShareError never quotes the words."""
+    import shamir_mnemonic
+
+    try:
+        return int(shamir_mnemonic.Share.from_mnemonic(" ".join(mnemonic.split())).identifier)
+    except (shamir_mnemonic.MnemonicError, ValueError, IndexError):
+        raise ShareError("not a valid share: a word is not in the SLIP-39 word list, or its checksum fails") from None
+
+
+def share_threshold(mnemonic: str) -> int:
+    import shamir_mnemonic
+
+    return int(shamir_mnemonic.Share.from_mnemonic(" ".join(mnemonic.split())).member_threshold)
 
 
 # --- importing key material (bring your own key) --------------------------------------------

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from keymanager import registry
-from keymanager.base import Backend
+from keymanager.base import Backend, StorageUnavailable
+from keymanager.crypto import Keyring
 from xks_proxy.settings import sections
 from xks_proxy.settings.admin import admin as _admin
 from xks_proxy.settings.fields import ConfigError, choice, table
@@ -78,14 +79,16 @@ def home_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser().resolve() if env else DEFAULT_HOME
 
 
-def load(home: Path, shared: bool = True) -> Config:
+def load(home: Path, shared: bool = True, keyring: Keyring | None = None) -> Config:
     """Read and validate `<home>/config.toml`. Raises ConfigError naming the bad field.
 
     With a shared vault (`vault.dsn`) the stores come from the vault database, unless `shared`
     is False (then `stores` is empty: for commands that must work before the database does).
     Raises keymanager.base.StorageUnavailable if that database does not answer.
+    `keyring`: the master keys this process holds already (a serving worker's reload, or after
+    `unseal`); otherwise the home's seal is opened here if it opens without a person.
     """
-    return from_raw(home, read_raw(home), shared)
+    return from_raw(home, read_raw(home), shared, keyring)
 
 
 def read_raw(home: Path) -> dict[str, Any]:
@@ -99,13 +102,12 @@ def read_raw(home: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
+def from_raw(home: Path, raw: dict[str, Any], shared: bool = True, keyring: Keyring | None = None) -> Config:
     """Validate a parsed document into a Config (also used to check an edit before writing it).
 
     `shared`: as for `load`. A fleet's config.toml has no `[[stores]]`: they are in its database.
     The checks run in a fixed order, so a document with several faults always names the same one.
     """
-    master_key = sections.master_key(home, table(raw, "master_key"))
     name = choice(table(raw, "keymanager"), "keymanager.backend", "backend", registry.NAMES, registry.NAMES[0])
     backend = registry.backend(name)
     vault = _section(registry.backend("vault"), home, raw)  # on every backend: vault.dsn is the fleet switch
@@ -116,8 +118,17 @@ def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
             "stores: with vault.dsn the key stores live in the vault database, shared by the fleet; "
             f"`xks-proxy fleet init --home {home}` moves them there"
         )
+    if keyring is None:
+        try:
+            keyring, seal_kind = sections.keyring(home, raw, vault.dsn)
+        except StorageUnavailable:
+            if shared:
+                raise
+            keyring, seal_kind = None, "unknown"  # a fleet's record is in its database: wait_for_stores reads it
+    else:
+        seal_kind = keyring.seal_kind
     table(raw, "throttle")  # "throttle: must be a table" before any store's error, as always
-    stores = () if vault.dsn is not None else parse_stores(raw.get("stores"), master_key, default_quota(raw))
+    stores = () if vault.dsn is not None else parse_stores(raw.get("stores"), keyring, default_quota(raw))
     config = Config(
         home=home,
         server=sections.server(home, table(raw, "server")),
@@ -125,7 +136,8 @@ def from_raw(home: Path, raw: dict[str, Any], shared: bool = True) -> Config:
         stores=stores,
         backend=name,
         vault=vault,
-        master_key=master_key,
+        keyring=keyring,
+        seal=seal_kind,
         raw=raw,
         tls=sections.tls(home, table(raw, "tls"), stores),
         throttle=sections.throttle(table(raw, "throttle")),

@@ -116,6 +116,9 @@ class _Fleet:
         assert config.vault.dsn is not None
         return PostgresStorage(config.vault.dsn)
 
+    def seal_record(self, dsn: str) -> "_DatabaseRecord":
+        return _DatabaseRecord(dsn)
+
     def move_into(self, config: "Config", copy_local: bool) -> int:
         from keymanager.vault.db import VaultDB
 
@@ -124,6 +127,51 @@ class _Fleet:
             return _copy_local_vault(config, db) if copy_local else 0
         finally:
             db.close()
+
+
+class _DatabaseRecord:
+    """A fleet's seal record: the row `seal` of vault_secrets (every proxy unseals with the same shares).
+
+    Holds no connection between calls: it is read at start, at unseal and when a rotation shows.
+    """
+
+    NAME = "seal"
+
+    def __init__(self, dsn: str) -> None:
+        from keymanager.vault.postgres import display_dsn
+
+        self._dsn = dsn
+        self.display = f"the seal record in {display_dsn(dsn)}"
+
+    def read(self) -> Any:
+        from keymanager.seal.record import SealRecord
+        from keymanager.vault.postgres import PostgresStorage
+
+        storage = PostgresStorage(self._dsn)
+        try:
+            if storage.schema_version() == 0:  # no vault in this database yet (before `fleet init`)
+                return None
+            with storage.read() as tx:
+                data = tx.secret(self.NAME)
+        finally:
+            storage.close()
+        return None if data is None else SealRecord.from_bytes(bytes(data), self.display)
+
+    def write(self, record: Any, tx: Any = None) -> None:
+        """Replace the record, in `tx` (a rotation's transaction) or a transaction of its own."""
+        import time
+
+        if tx is not None:
+            tx.replace_secret(self.NAME, record.to_bytes(), time.time())
+            return
+        from keymanager.vault.postgres import PostgresStorage
+
+        storage = PostgresStorage(self._dsn)
+        try:
+            with storage.write() as own:
+                own.replace_secret(self.NAME, record.to_bytes(), time.time())
+        finally:
+            storage.close()
 
 
 def _copy_local_vault(config: "Config", db: "VaultDB") -> int:

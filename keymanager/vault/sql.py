@@ -41,6 +41,14 @@ _VERSION_SELECT = "SELECT store, key_id, version, sealed, created_at, reserved, 
 _PARAMS_SELECT = f"SELECT {', '.join(DUMP_TABLES['import_params'])} FROM import_params"
 
 
+#: Every sealed column of the vault: (column, primary key condition), for a master key rotation.
+_SEALED_COLUMNS = {
+    "key_versions": ("sealed", "store = ? AND key_id = ? AND version = ?"),
+    "import_params": ("sealed_private", "params_id = ?"),
+    "vault_secrets": ("sealed", "name = ?"),
+}
+
+
 class SqlTx:
     """Row operations inside one transaction. Obtained only from `SqlStorage.write/read`."""
 
@@ -132,6 +140,18 @@ class SqlTx:
 
     def insert_secret(self, name: str, sealed: bytes, created_at: float) -> None:
         self._run("INSERT INTO vault_secrets (name, sealed, created_at) VALUES (?, ?, ?)", (name, sealed, created_at))
+
+    def replace_secret(self, name: str, sealed: bytes, created_at: float) -> None:
+        self._run(
+            "INSERT INTO vault_secrets (name, sealed, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET sealed = excluded.sealed, created_at = excluded.created_at",
+            (name, sealed, created_at),
+        )
+
+    def update_sealed(self, table: str, key: tuple[Any, ...], sealed: bytes) -> None:
+        """Replace one sealed blob in place (a master key rotation's step), by the row's primary key."""
+        column, where = _SEALED_COLUMNS[table]
+        self._run(f"UPDATE {table} SET {column} = ? WHERE {where}", (sealed, *key))
 
     # --- whole tables (backups, moving a vault between storages)
 

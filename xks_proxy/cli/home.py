@@ -2,21 +2,27 @@
 
 A home is a directory, every file in it 0600 (the CLI runs under umask 077):
     config.toml   settings and key stores; credential secrets sealed under the master key
-    master.key    base64 of 32 random bytes (or supply $XKS_PROXY_MASTER_KEY instead)
+    seal.json     the seal record: the master key wrapped under the seal's KEK (keymanager.seal)
+    master.key    only with `--seal file`: the master key in clear (development, `demo`)
     vault.db      the SQLite key vault
     tls/          a local development CA and a certificate for localhost
+A failed `init` removes what it made, so the corrected command can run.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from keymanager.crypto import MasterKey
+from keymanager.crypto import Keyring, MasterKey
+from keymanager.seal.home import legacy_keyring
+from keymanager.seal.kinds import NewSeal, open_keyring
+from keymanager.seal.record import SEAL_FILE, FileRecord, SealRecord, wrap_all
 from keymanager.registry import backend
 from xks_proxy.config import CONFIG_FILE, ConfigError, credential_context, validate_prefix
 from xks_proxy.devtls import make_dev_certs
@@ -35,27 +41,52 @@ def new_secret() -> str:
     return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(64))
 
 
-def sealed_credential(master_key: MasterKey, access_key_id: str, secret: str) -> dict[str, str]:
+def sealed_credential(master_key: Keyring | MasterKey, access_key_id: str, secret: str) -> dict[str, str]:
     return {
         "access_key_id": access_key_id,
         "secret_access_key_sealed": master_key.seal_text(secret, credential_context(access_key_id)),
     }
 
 
-def init_home(home: Path, prefix: str, region: str, port: int) -> tuple[str, str]:
-    """Create a fresh home. Returns the first store's (access key id, secret) for the operator."""
+def init_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None" = None) -> tuple[str, str]:
+    """Create a fresh home. Returns the first store's (access key id, secret) for the operator.
+
+    `seal`: the seal made for it (`keymanager.seal.kinds.make`); None: the master key in clear in
+    master.key, as before seals (`--seal file`). On any failure nothing of the home is left.
+    """
     validate_prefix(prefix, "--uri-prefix")
-    if (home / CONFIG_FILE).exists() or (home / "vault.db").exists() or (home / "master.key").exists():
+    if (home / CONFIG_FILE).exists() or (home / "vault.db").exists() or (home / "master.key").exists() or (home / SEAL_FILE).exists():
         raise ConfigError(f"--home: {home} already holds a proxy home; refusing to overwrite it")
+    existed = home.exists()
+    before = set(home.iterdir()) if existed else set()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    master_text = MasterKey.generate_text()
-    master_key = MasterKey.from_text(master_text)
-    (home / "master.key").write_text(master_text)
-    (home / "master.key").chmod(0o600)
+    try:
+        return _fill_home(home, prefix, region, port, seal)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            for made in set(home.iterdir()) - before:
+                shutil.rmtree(made, ignore_errors=True) if made.is_dir() else made.unlink(missing_ok=True)
+        raise
+
+
+def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None") -> tuple[str, str]:
+    if seal is None:
+        master_text = MasterKey.generate_text()
+        keyring = legacy_keyring(MasterKey.from_text(master_text))
+        key_file = home / "master.key"
+        key_file.write_text(master_text)
+        key_file.chmod(0o600)
+    else:
+        master = MasterKey.generate()
+        record = SealRecord(seal.kind, seal.params, master.key_id, wrap_all(seal.kek, [master]))
+        FileRecord(home).write(record)
+        keyring = open_keyring(record, seal.kek)
     make_dev_certs(home / "tls")
     init_backend = backend("vault").init_home  # a new home starts on the local vault
     assert init_backend is not None
-    sections = init_backend(home, master_key)
+    sections = init_backend(home, keyring)
     access_key_id, secret = new_access_key_id(), new_secret()
     config: dict[str, Any] = {
         "server": {
@@ -66,11 +97,12 @@ def init_home(home: Path, prefix: str, region: str, port: int) -> tuple[str, str
         },
         "limits": {"max_plaintext_bytes": 8192, "max_aad_bytes": 8192},
         **sections,
-        "master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"},
         "stores": [
-            {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(master_key, access_key_id, secret)]}
+            {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(keyring, access_key_id, secret)]}
         ],
     }
+    if seal is None:
+        config["master_key"] = {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"}
     write_config(home, config)
     return access_key_id, secret
 
@@ -79,7 +111,7 @@ def write_config(home: Path, config: dict[str, Any]) -> None:
     """Atomically replace config.toml (write, fsync, rename): a crash leaves old or new, never half."""
     path = home / CONFIG_FILE
     tmp = path.with_suffix(".toml.tmp")
-    header = "# xks-proxy configuration. Secrets are sealed under master.key; see README.md.\n"
+    header = "# xks-proxy configuration. Secrets are sealed under the home's master key; see README.md.\n"
     with open(tmp, "w") as handle:
         handle.write(header + tomli_w.dumps(config))
         handle.flush()

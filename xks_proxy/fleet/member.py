@@ -19,11 +19,13 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from typing import Callable
 
 from keymanager.base import ProxyInfo, SharedStorage, StorageUnavailable
 from xks_proxy.fleet import shared_settings
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.settings import sections
 
 log = logging.getLogger("xks_proxy.fleet")
 
@@ -146,6 +148,9 @@ def wait_for_stores(config: Config, retry_seconds: float = 2.0) -> Config:
     waiting = False
     while True:
         try:
+            if config.seal == "unknown":  # the seal record is in the database too
+                keyring, kind = sections.keyring(config.home, config.raw, config.vault.dsn)
+                config = replace(config, keyring=keyring, seal=kind)
             loaded = shared_settings.load_into(config)
         except StorageUnavailable as exc:
             if not waiting:

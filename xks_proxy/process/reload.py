@@ -105,7 +105,7 @@ class Reloader:
             return
         self._signature = signature
         try:
-            new = await asyncio.to_thread(configmod.load, self.config.home)
+            new = await asyncio.to_thread(configmod.load, self.config.home, True, self.config.keyring)
         except (ConfigError, OSError) as exc:
             log.error("configuration reload refused, still serving the previous configuration: %s", exc)
             self._metrics.reload("config", False)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keymanager.crypto import MasterKey
+from keymanager.crypto import Keyring
+from xks_proxy.settings.fields import ConfigError
 from xks_proxy.access.policy import EMPTY_POLICY, Policy
 from xks_proxy.settings.fields import ConfigError
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # the backends' own section types: named here, never imported
 @dataclass(frozen=True, slots=True)
 class Credential:
     access_key_id: str
-    secret: str = field(repr=False)
+    secret: str | None = field(repr=False)  # None while the home is sealed: nothing verifies
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +185,7 @@ class Config:
     stores: tuple[Store, ...]
     backend: str
     vault: VaultConfig
-    master_key: MasterKey = field(repr=False)
+    keyring: Keyring | None = field(repr=False)  # None: sealed (the seal waits for `xks-proxy unseal`)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     tls: TlsConfig = TlsConfig()
     throttle: ThrottleConfig = ThrottleConfig()
@@ -193,6 +194,21 @@ class Config:
     backend_settings: Any = None
     admin: AdminConfig = AdminConfig()
     fleet: FleetConfig = FleetConfig()
+    seal: str = "file"  # the home's seal: shamir, passphrase, pkcs11 or file (keymanager.seal)
+
+    @property
+    def sealed(self) -> bool:
+        return self.keyring is None
+
+    @property
+    def master_key(self) -> Keyring:
+        """The master keys, to seal and open secrets at rest. ConfigError while the home is sealed."""
+        if self.keyring is None:
+            raise ConfigError(
+                f"the home {self.home} is sealed ({self.seal} seal): unseal the running proxy (`xks-proxy unseal`), "
+                "or give this command the shares or passphrase when it asks"
+            )
+        return self.keyring
 
     @property
     def pkcs11(self) -> Pkcs11Config | None:

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from keymanager.crypto import MasterKey
-from xks_proxy.settings.fields import ConfigError, file, float_range, get, int_range, only
+from keymanager.crypto import Keyring, MasterKey
+from xks_proxy.settings.fields import ConfigError, file, float_range, get, int_range, only, table
 from xks_proxy.settings.model import (
     AuditConfig,
     FleetConfig,
@@ -115,7 +115,7 @@ def fleet(table: dict[str, Any], shared: bool) -> FleetConfig:
 
 
 def master_key(home: Path, table: dict[str, Any]) -> MasterKey:
-    """From `$env` when set (default XKS_PROXY_MASTER_KEY), else from the file (default master.key)."""
+    """A home without a seal record: from `$env` when set (default XKS_PROXY_MASTER_KEY), else the file (default master.key)."""
     env = get(table, "master_key.env", "env", str, "XKS_PROXY_MASTER_KEY")
     if env and os.environ.get(env):
         try:
@@ -129,3 +129,23 @@ def master_key(home: Path, table: dict[str, Any]) -> MasterKey:
         return MasterKey.from_text(path.read_text())
     except ValueError as exc:
         raise ConfigError(f"master_key.file: {path}: {exc}") from None
+
+
+def keyring(home: Path, raw: dict[str, Any], dsn: str | None) -> "tuple[Keyring | None, str]":
+    """The home's opened master keys and its seal's kind; (None, kind) while it waits for `unseal`.
+
+    No seal record: the master key is in clear (`[master_key]`, as before seals; kind "file").
+    """
+    from keymanager.seal import home as seal
+
+    seal_table = table(raw, "seal")
+    for name in seal_table:
+        if name not in ("passphrase_file", "passphrase_env", "pin_file", "pin_env"):
+            raise ConfigError(f"seal.{name}: unknown setting (expected passphrase_file, passphrase_env, pin_file or pin_env)")
+    try:
+        record = seal.read_record(home, dsn)
+        if record is None:
+            return seal.legacy_keyring(master_key(home, table(raw, "master_key"))), "file"
+        return seal.auto_open(home, dsn, record, seal_table), record.kind
+    except seal.SealError as exc:
+        raise ConfigError(str(exc)) from None

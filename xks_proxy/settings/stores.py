@@ -12,7 +12,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from keymanager.crypto import MasterKey
+from keymanager.crypto import Keyring
 from xks_proxy.access.policy import Policy, PolicyError, compile_policy
 from xks_proxy.settings import sections
 from xks_proxy.settings.fields import ConfigError, get, int_range, only, table as subtable
@@ -32,7 +32,7 @@ def with_stores(config: Config, stores_raw: Any, where: str = "stores") -> Confi
     client names, is derived again here.)
     """
     try:
-        stores = parse(stores_raw, config.master_key, default_quota(config.raw))
+        stores = parse(stores_raw, config.keyring, default_quota(config.raw))
         tls = sections.tls(config.home, subtable(config.raw, "tls"), stores)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}" if where != "stores" else str(exc)) from None
@@ -69,7 +69,7 @@ def credential_context(access_key_id: str) -> str:
     return f"xks-proxy credential {access_key_id}"
 
 
-def parse(raw: Any, master_key: MasterKey, default: Quota) -> tuple[Store, ...]:
+def parse(raw: Any, master_key: Keyring | None, default: Quota) -> tuple[Store, ...]:
     """The `[[stores]]` tables; prefixes and access key ids must be unique across all of them."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stores: at least one [[stores]] table is required")
@@ -134,8 +134,8 @@ def _key_ids(table: dict[str, Any], where: str) -> frozenset[str] | None:
     return frozenset(raw)
 
 
-def _credentials(raw: Any, where: str, master_key: MasterKey, seen: set[str]) -> tuple[Credential, ...]:
-    """SigV4 credentials; each secret is opened here, once, from its sealed form."""
+def _credentials(raw: Any, where: str, master_key: Keyring | None, seen: set[str]) -> tuple[Credential, ...]:
+    """SigV4 credentials; each secret is opened here, once, from its sealed form (not while sealed)."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: at least one credential is required")
     creds = []
@@ -150,6 +150,9 @@ def _credentials(raw: Any, where: str, master_key: MasterKey, seen: set[str]) ->
             raise ConfigError(f"{here}.access_key_id: {akid} is used by another credential")
         seen.add(akid)
         sealed = get(table, f"{here}.secret_access_key_sealed", "secret_access_key_sealed", str, None)
+        if master_key is None:  # sealed home: the secret stays sealed, nothing can verify with it
+            creds.append(Credential(access_key_id=akid, secret=None))
+            continue
         try:
             secret = master_key.unseal_text(sealed, credential_context(akid))
         except ValueError as exc:
