@@ -39,7 +39,7 @@ def free_port() -> int:
 @pytest.fixture
 def cli_home(tmp_path: Path) -> Path:
     home = tmp_path / "h"
-    run("init", "--uri-prefix", "corp/keys", "--region", "eu-west-1", "--port", str(free_port()), home=home)
+    run("init", "--seal", "file", "--uri-prefix", "corp/keys", "--region", "eu-west-1", "--port", str(free_port()), home=home)
     return home
 
 
@@ -55,7 +55,7 @@ def test_init_makes_an_owner_only_home(cli_home: Path) -> None:
 
 def test_init_refuses_to_overwrite(cli_home: Path) -> None:
     before = (cli_home / "master.key").read_text()
-    result = run("init", home=cli_home, check=False)
+    result = run("init", "--seal", "file", home=cli_home, check=False)
     assert result.returncode != 0
     assert "refusing to overwrite" in result.stderr
     assert (cli_home / "master.key").read_text() == before
@@ -207,7 +207,7 @@ def test_serve_process_end_to_end(cli_home: Path, tls: bool) -> None:
 def test_master_key_from_environment(tmp_path: Path) -> None:
     """For containers: the master key may come from the environment instead of the file."""
     home = tmp_path / "h"
-    run("init", home=home)
+    run("init", "--seal", "file", home=home)
     key_text = (home / "master.key").read_text()
     (home / "master.key").unlink()
     assert run("keys", "list", home=home, check=False).returncode == 2

@@ -357,7 +357,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[str]) -> None:
 def test_our_proxy_passes_conformance(tmp_path: Path, https: bool) -> None:
     """`xks-proxy init` + `serve`, then `xks-proxy conformance` through the real CLI, with every probe."""
     home, port = tmp_path / "home", _free_port()
-    _xks_proxy("init", "--home", str(home), "--port", str(port))
+    _xks_proxy("init", "--seal", "file", "--home", str(home), "--port", str(port))
     for key, usage in (("good", "ENCRYPT,DECRYPT"), ("enc", "ENCRYPT"), ("dec", "DECRYPT"), ("none", ""), ("dis", "ENCRYPT,DECRYPT")):
         _xks_proxy("keys", "create", key, "--usage", usage, "--home", str(home))
     _xks_proxy("keys", "disable", "dis", "--home", str(home))
@@ -393,7 +393,7 @@ def test_client_certificate_options_against_our_mtls_proxy(tmp_path: Path) -> No
     from tests.support.proxy import Pki, edit_config
 
     home, port = tmp_path / "home", _free_port()
-    _xks_proxy("init", "--home", str(home), "--port", str(port))
+    _xks_proxy("init", "--seal", "file", "--home", str(home), "--port", str(port))
     _xks_proxy("keys", "create", "good", "--home", str(home))
     pki = Pki(home)
     edit_config(home, pki.configure)

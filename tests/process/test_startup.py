@@ -64,14 +64,14 @@ WHY_FOREIGN = "Cannot assign requested address (not an address of this machine)"
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_serve_on_a_port_in_use(tmp_path: Path, port_in_use: int, workers: int) -> None:
-    assert cli(tmp_path / "home", "init").returncode == 0
+    assert cli(tmp_path / "home", "init", "--seal", "file").returncode == 0
     result = _run(["serve", "--port", str(port_in_use), "--workers", str(workers)], tmp_path)
     _assert_one_line_failure(result, f"127.0.0.1:{port_in_use}", WHY_IN_USE)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_serve_on_an_address_not_on_this_machine(tmp_path: Path, foreign_address: str, workers: int) -> None:
-    assert cli(tmp_path / "home", "init").returncode == 0
+    assert cli(tmp_path / "home", "init", "--seal", "file").returncode == 0
     result = _run(["serve", "--host", foreign_address, "--port", "8443", "--workers", str(workers), "--http"], tmp_path)
     _assert_one_line_failure(result, f"{foreign_address}:8443", WHY_FOREIGN)
 
@@ -96,7 +96,7 @@ def test_serve_with_its_metrics_port_in_use(tmp_path: Path, port_in_use: int, wo
     """The metrics listener is bound like the XKS one: one line, no traceback, no "serving" line."""
     from tests.support.lifecycle import patch_config
 
-    assert cli(tmp_path / "home", "init").returncode == 0
+    assert cli(tmp_path / "home", "init", "--seal", "file").returncode == 0
     patch_config(tmp_path / "home", metrics={"enabled": True, "port": port_in_use})
     result = _run(["serve", "--port", "0", "--workers", str(workers), "--http"], tmp_path)
     assert result.returncode != 0, result

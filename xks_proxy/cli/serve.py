@@ -14,9 +14,15 @@ import socket
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+from keymanager.seal.record import KINDS, SealError
 from xks_proxy import config as configmod
 from xks_proxy.cli.common import CommandError
 from xks_proxy.cli.keys import vault_admin
+
+if TYPE_CHECKING:
+    from keymanager.seal.kinds import NewSeal
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -24,6 +30,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     init.add_argument("--uri-prefix", default="xks", help="URI path prefix of the first key store (default: xks)")
     init.add_argument("--region", default="us-east-1", help="AWS region that will call the store")
     init.add_argument("--port", type=int, default=8443, help="port to serve on (default: 8443)")
+    seal_arguments(init)
     init.set_defaults(func=cmd_init)
 
     serve = sub.add_parser("serve", parents=[common], help="serve the XKS API")
@@ -46,18 +53,91 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def seal_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a new seal is chosen: `init` and `vault rekey`."""
+    parser.add_argument(
+        "--seal", choices=KINDS, default="shamir",
+        help="what guards the master key (default shamir; file keeps it in clear, for development)",
+    )  # fmt: skip
+    parser.add_argument("--shares", type=int, default=5, help="shamir: shares to make (default 5)")
+    parser.add_argument("--threshold", type=int, default=3, help="shamir: shares needed to unseal (default 3)")
+    parser.add_argument("--share-dir", help="shamir: write each share to its own file here (0600) instead of printing them")
+    parser.add_argument("--passphrase-file", help="passphrase seal: read the passphrase from this file (else a prompt)")
+    parser.add_argument("--passphrase-env", help="passphrase seal: the NAME of an environment variable holding it")
+    parser.add_argument("--pkcs11-module", help="pkcs11 seal: the PKCS#11 library")
+    parser.add_argument("--pkcs11-token", help="pkcs11 seal: the token label")
+    parser.add_argument("--pkcs11-key-label", default="xks-proxy-seal", help="pkcs11 seal: label of the AES wrapping key")
+    parser.add_argument("--pin-file", help="pkcs11 seal: file holding the user PIN (0600)")
+
+
+def new_seal(args: argparse.Namespace) -> "NewSeal | None":
+    """The seal `args` ask for (None: the file seal, master key in clear). CommandError if it cannot be made."""
+    from keymanager.seal.kinds import make
+    from xks_proxy.cli.secrets_input import passphrase
+
+    try:
+        if args.seal == "file":
+            return None
+        if args.seal == "passphrase":
+            return make("passphrase", passphrase=passphrase(args.passphrase_file, args.passphrase_env, confirm=True))
+        if args.seal == "pkcs11":
+            pin = _pin(args.pin_file)
+            hsm = {"module": args.pkcs11_module, "token_label": args.pkcs11_token, "key_label": args.pkcs11_key_label}
+            return make("pkcs11", hsm=hsm, pin=pin)
+        if args.share_dir and Path(args.share_dir).exists() and any(Path(args.share_dir).iterdir()):
+            raise CommandError(f"--share-dir: {args.share_dir} is not empty; shares are written only into a new or empty directory")
+        return make("shamir", shares=args.shares, threshold=args.threshold)
+    except SealError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _pin(path: str | None) -> str:
+    if not path:
+        raise CommandError("--pin-file: the pkcs11 seal needs the token's user PIN in a file (chmod 600)")
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise CommandError(f"--pin-file: cannot read {path}: {exc.strerror}") from None
+
+
+def hand_out(seal: "NewSeal", share_dir: str | None) -> None:
+    """Print each share once, or write each to its own 0600 file. They are never stored in the home."""
+    if seal.kind != "shamir":
+        return
+    threshold = seal.params["threshold"]
+    if share_dir:
+        folder = Path(share_dir)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for i, share in enumerate(seal.shares, 1):
+            fd = os.open(folder / f"share-{i}.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(share + "\n")
+        print(f"Wrote {len(seal.shares)} unseal shares to {folder}/share-1.txt ... share-{len(seal.shares)}.txt;")
+        print(f"any {threshold} of them unseal the proxy. Hand each to a different person, then delete the files.")
+        return
+    print(f"Unseal shares (any {threshold} of {len(seal.shares)} unseal the proxy). Each is shown once, here only:")
+    for i, share in enumerate(seal.shares, 1):
+        print(f"  share {i}: {share}")
+    print("Hand each share to a different person. Nothing in the home can unseal it.")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from xks_proxy.cli.home import init_home
 
     home = configmod.home_dir(args.home)
-    akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port)
-    config = configmod.load(home)
-    store = config.stores[0]
+    seal = new_seal(args)
+    if seal is not None and args.share_dir:
+        hand_out(seal, args.share_dir)  # the shares are safe before the home that needs them exists
+    akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port, seal=seal)
+    store_path = f"/{args.uri_prefix.strip('/')}/kms/xks/v1"
     print(f"Created proxy home {home}")
-    print(f"  key store URI path:   {store.uri_path}")
+    print(f"  seal:                 {args.seal}" + ("  (the master key is in clear in master.key: development only)" if seal is None else ""))
+    print(f"  key store URI path:   {store_path}")
     print(f"  access key id:        {akid}")
     print(f"  secret access key:    {secret}")
     print("Keep the secret safe: it is shown here and by `xks-proxy stores export` only.")
+    if seal is not None and not args.share_dir:
+        hand_out(seal, None)
     return 0
 
 
