@@ -97,12 +97,11 @@ def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal |
         },
         "limits": {"max_plaintext_bytes": 8192, "max_aad_bytes": 8192},
         **sections,
+        **({"master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"}} if seal is None else {}),
         "stores": [
             {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(keyring, access_key_id, secret)]}
         ],
     }
-    if seal is None:
-        config["master_key"] = {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"}
     write_config(home, config)
     return access_key_id, secret
 
