@@ -77,7 +77,7 @@ start_postgres() {
 
 make_homes() {
   if [ ! -f "$dir/home-1/config.toml" ]; then
-    "${xks[@]}" init --home "$dir/home-1" --uri-prefix "$prefix" --region "$region" --port "$base_port" > "$dir/home-1.init.txt"
+    "${xks[@]}" init --home "$dir/home-1" --seal file --uri-prefix "$prefix" --region "$region" --port "$base_port" > "$dir/home-1.init.txt"
     "${xks[@]}" fleet init --home "$dir/home-1" --dsn-file "$dir/pg.dsn" > /dev/null
   fi
   for k in $(seq 2 "$count"); do

@@ -48,11 +48,14 @@ def sealed_credential(master_key: Keyring | MasterKey, access_key_id: str, secre
     }
 
 
-def init_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None" = None) -> tuple[str, str]:
+def init_home(
+    home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None" = None, seal_settings: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Create a fresh home. Returns the first store's (access key id, secret) for the operator.
 
     `seal`: the seal made for it (`keymanager.seal.kinds.make`); None: the master key in clear in
-    master.key, as before seals (`--seal file`). On any failure nothing of the home is left.
+    master.key, as before seals (`--seal file`). `seal_settings`: config.toml's `[seal]` (where a
+    passphrase or PIN comes from at start). On any failure nothing of the home is left.
     """
     validate_prefix(prefix, "--uri-prefix")
     if (home / CONFIG_FILE).exists() or (home / "vault.db").exists() or (home / "master.key").exists() or (home / SEAL_FILE).exists():
@@ -61,7 +64,7 @@ def init_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | 
     before = set(home.iterdir()) if existed else set()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        return _fill_home(home, prefix, region, port, seal)
+        return _fill_home(home, prefix, region, port, seal, seal_settings or {})
     except BaseException:
         if not existed:
             shutil.rmtree(home, ignore_errors=True)
@@ -71,7 +74,7 @@ def init_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | 
         raise
 
 
-def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None") -> tuple[str, str]:
+def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal | None", seal_settings: dict[str, str]) -> tuple[str, str]:
     if seal is None:
         master_text = MasterKey.generate_text()
         keyring = legacy_keyring(MasterKey.from_text(master_text))
@@ -98,6 +101,7 @@ def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal |
         "limits": {"max_plaintext_bytes": 8192, "max_aad_bytes": 8192},
         **sections,
         **({"master_key": {"file": "master.key", "env": "XKS_PROXY_MASTER_KEY"}} if seal is None else {}),
+        **({"seal": dict(seal_settings)} if seal_settings else {}),
         "stores": [
             {"prefix": prefix, "regions": [region], "credentials": [sealed_credential(keyring, access_key_id, secret)]}
         ],
