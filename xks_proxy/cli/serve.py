@@ -128,7 +128,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     seal = new_seal(args)
     if seal is not None and args.share_dir:
         hand_out(seal, args.share_dir)  # the shares are safe before the home that needs them exists
-    akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port, seal=seal)
+    # --passphrase-env at init also opens the seal at every start (containers): [seal] passphrase_env.
+    auto = {"passphrase_env": args.passphrase_env} if seal is not None and seal.kind == "passphrase" and args.passphrase_env else {}
+    akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port, seal=seal, seal_settings=auto)
     store_path = f"/{args.uri_prefix.strip('/')}/kms/xks/v1"
     print(f"Created proxy home {home}")
     print(f"  seal:                 {args.seal}" + ("  (the master key is in clear in master.key: development only)" if seal is None else ""))
