@@ -25,9 +25,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from keymanager.seal.home import read_record, record_store
+from keymanager.seal.record import SEAL_FILE, FileRecord, SealRecord
 from xks_proxy import config as configmod
 from xks_proxy.cli.common import CommandError, actor
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.cli.secrets_input import open_record
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -63,9 +66,15 @@ def cmd_init(args: argparse.Namespace) -> int:
             vault_table.pop(name, None)
         vault_table["dsn_file" if args.dsn_file else "dsn_env"] = args.dsn_file or args.dsn_env
     local_stores = new_raw.pop("stores", None)
-    config = configmod.from_raw(home, new_raw, shared=False)
+    local_record = FileRecord(home).read()  # a sealed home's record moves into the database too
+    keyring = open_record(home, None, local_record, raw.get("seal", {})) if local_record is not None else None
+    config = configmod.from_raw(home, new_raw, shared=False, keyring=keyring)
     if config.vault.dsn is None:
         raise ConfigError("vault.dsn: no database named; give --dsn-file or --dsn-env (or set vault.dsn_file in config.toml)")
+    if config.sealed:  # run again: the record is in the database already
+        record = read_record(home, config.vault.dsn)
+        assert record is not None
+        config = configmod.from_raw(home, new_raw, shared=False, keyring=open_record(home, config.vault.dsn, record, raw.get("seal", {})))
     if local_stores is not None:
         configmod.with_stores(config, local_stores)  # valid before anything is written
     from keymanager.base import KeyRefused
@@ -77,6 +86,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         copied = fleet.move_into(config, copy_local=not args.skip_local_vault)
     except KeyRefused as exc:
         raise CommandError(str(exc)) from None
+    if local_record is not None:
+        _move_record(home, config.vault.dsn, local_record)
     stores = _put_stores(config, local_stores)
     from xks_proxy.cli.home import write_config
 
@@ -93,6 +104,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _move_record(home: Path, dsn: str, record: SealRecord) -> None:
+    """seal.json into the database's row (every proxy of the fleet unseals from it), then out of the home."""
+    shared = record_store(home, dsn)
+    existing = shared.read()
+    if existing is None:
+        shared.write(record)
+    elif existing.current != record.current:
+        raise CommandError("the database's seal record guards another master key: this home is not of this fleet")
+    (home / SEAL_FILE).unlink()
 
 
 def _put_stores(config: Config, local: list[dict[str, Any]] | None) -> Config:

@@ -63,3 +63,14 @@ def open_kek(record: SealRecord, file: str | None = None, env: str | None = None
             raise CommandError(str(exc)) from None
         if kek is not None:
             return kek
+
+
+def open_record(home: Path, dsn: str | None, record: SealRecord, seal_table: dict[str, object]) -> object:
+    """The keyring of `record`: by itself if the seal opens so (file, pkcs11, a configured passphrase), else from a person."""
+    from keymanager.seal.home import auto_open, open_with
+
+    try:
+        keyring = auto_open(home, dsn, record, dict(seal_table))
+        return keyring if keyring is not None else open_with(home, dsn, record, open_kek(record))
+    except SealError as exc:
+        raise CommandError(str(exc)) from None
