@@ -346,3 +346,8 @@ class Backend:
     #: Key administration from the backend's own settings alone, before a home exists (import-config
     #: checks an HSM with it); None where `key_admin` needs the whole configuration.
     key_admin_for: Callable[[Any], KeyAdmin] | None = None
+    #: A master key rotation's step: `reseal(config, keyring, also)` re-seals everything the backend
+    #: keeps sealed under the keyring's current key in ONE transaction, in which `also(tx)` runs
+    #: too (a fleet's shared stores and seal record live in the same database); returns counts.
+    #: None where the backend keeps nothing sealed under the master key (an HSM's keys).
+    reseal: Callable[["Config", Any, Callable[[Any], dict[str, int]] | None], dict[str, int]] | None = None

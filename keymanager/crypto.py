@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import jwt
 from cryptography.exceptions import InvalidTag
@@ -37,6 +37,7 @@ KEY_BYTES = 32
 IV_BYTES = 12
 TAG_BYTES = 16
 _SEAL_VERSION = b"\x01"
+_LINK_CONTEXT = "xks-proxy next master key "
 
 
 def bind_aad(aad: bytes | None, metadata: bytes | None) -> bytes:
@@ -284,6 +285,29 @@ class Kek:
             raise ValueError("the wrapped master key does not open with this seal (wrong shares or passphrase)") from None
 
 
+def hsm_wrap(master: MasterKey, encrypt: "Callable[[bytes, bytes, bytes], bytes]") -> bytes:
+    """The master key wrapped by an HSM's AES key (the pkcs11 seal): version || iv || ciphertext || tag.
+
+    `encrypt(iv, plaintext, aad)` is AES-256-GCM done by the HSM (`keymanager.seal.hsm`): the
+    master key's bytes go to it and nowhere else. The IV is ours, the AAD names the key as `Kek.wrap` does.
+    """
+    iv = new_iv()
+    out = encrypt(iv, master._material, ("xks-proxy master key " + master.key_id).encode())
+    if len(out) != KEY_BYTES + TAG_BYTES:
+        raise ValueError(f"the HSM returned {len(out)} bytes for the wrapped master key, not {KEY_BYTES + TAG_BYTES}")
+    return _SEAL_VERSION + iv + out
+
+
+def hsm_unwrap(blob: bytes, key_id: str, decrypt: "Callable[[bytes, bytes, bytes], bytes]") -> MasterKey:
+    """The master key `key_id` from `hsm_wrap`'s blob; `decrypt(iv, ciphertext || tag, aad)` raises ValueError if it does not open."""
+    if len(blob) != 1 + IV_BYTES + KEY_BYTES + TAG_BYTES or blob[:1] != _SEAL_VERSION:
+        raise ValueError("the wrapped master key is malformed")
+    master = MasterKey(decrypt(blob[1 : 1 + IV_BYTES], blob[1 + IV_BYTES :], ("xks-proxy master key " + key_id).encode()))
+    if master.key_id != key_id:
+        raise ValueError("the unwrapped master key is not the one the keyring names")
+    return master
+
+
 class Keyring:
     """The opened master keys of a home: the current one seals, every one it holds opens.
 
@@ -291,7 +315,10 @@ class Keyring:
     credentials and backups need not know a rotation exists. Mid-rotation (`keymanager.seal`) it
     holds the new key and the one being retired; a blob that opens under none of them makes it
     re-read the seal record once (another process rotated) through `refresh`, which returns the
-    (key id -> wrapped key) map the KEK unwraps.
+    (key id -> wrapped key) map the KEK unwraps. Every new seal first re-reads the record (new
+    seals are rare: a key, a version, a credential), so a rotation's new key is what every
+    process seals under from the moment the record names it: nothing new is sealed under a key
+    being retired after the rotation has re-sealed the vault.
     """
 
     __slots__ = ("_kek", "_masters", "current", "_refresh", "_refreshed_at", "seal_kind")
@@ -320,29 +347,53 @@ class Keyring:
     def master(self, key_id: str) -> MasterKey:
         return self._masters[key_id]
 
-    def adopt(self, current_id: str, wrapped: dict[str, bytes]) -> None:
-        """Take the record's keys: unwrap those not held yet with the KEK; drop those it no longer names."""
-        masters = {kid: self._masters.get(kid) or self._kek.unwrap(blob, kid) for kid, blob in wrapped.items()}
+    def adopt(self, current_id: str, wrapped: dict[str, bytes], links: dict[str, bytes] | None = None) -> None:
+        """Take the record's keys: unwrap those not held yet; drop those it no longer names.
+
+        A new key opens with the KEK, or (a process whose KEK a rekey replaced) through its link:
+        the key sealed under the key it succeeded (`link`), which this process still holds.
+        """
+        masters = {kid: self._masters.get(kid) or self._open_new(kid, blob, (links or {}).get(kid)) for kid, blob in wrapped.items()}
         self._masters = masters
         self.current = masters[current_id]
 
-    def _try_refresh(self) -> bool:
+    def _open_new(self, key_id: str, blob: bytes, link: bytes | None) -> MasterKey:
+        try:
+            return self._kek.unwrap(blob, key_id)
+        except ValueError:
+            if link is None:
+                raise
+        for held in self._masters.values():
+            try:
+                master = MasterKey(held.unseal(link, _LINK_CONTEXT + key_id))
+            except ValueError:
+                continue
+            if master.key_id == key_id:
+                return master
+        raise ValueError("a new master key opens neither with this seal nor through a key held")
+
+    def link(self, new: MasterKey) -> bytes:
+        """`new` sealed under the current key: how a process whose KEK changed since it opened adopts it."""
+        return self.current.seal(new._material, _LINK_CONTEXT + new.key_id)
+
+    def _try_refresh(self, throttle: bool = True) -> bool:
         import time
 
-        if self._refresh is None or time.monotonic() - self._refreshed_at < 0.2:
+        if self._refresh is None or (throttle and time.monotonic() - self._refreshed_at < 0.2):
             return False
         self._refreshed_at = time.monotonic()
         try:
-            current_id, wrapped = self._refresh()
-            before = set(self._masters)
-            self.adopt(current_id, wrapped)
-        except (OSError, ValueError, KeyError):
+            current_id, wrapped, *links = self._refresh()
+            before = (self.current.key_id, set(self._masters))
+            self.adopt(current_id, wrapped, links[0] if links else None)
+        except Exception:  # an unreadable record: keep the keys held (the caller's error says the rest)
             return False
-        return set(self._masters) != before
+        return (self.current.key_id, set(self._masters)) != before
 
     # the MasterKey interface
 
     def seal(self, secret: bytes, context: str) -> bytes:
+        self._try_refresh(throttle=False)
         return self.current.seal(secret, context)
 
     def unseal(self, blob: bytes, context: str) -> bytes:
@@ -370,6 +421,7 @@ class Keyring:
         return DataKey(self.unseal(sealed, context))
 
     def seal_new_key(self, context: str, material: bytes | None = None) -> tuple[bytes, DataKey]:
+        self._try_refresh(throttle=False)
         return self.current.seal_new_key(context, material)
 
     def reseal(self, blob: bytes, context: str) -> bytes | None:
@@ -558,7 +610,8 @@ class TokenSigner:
 
 BACKUP_MAGIC = b"XKS-PROXY-BACKUP"
 _BACKUP_VERSION = 1
-BACKUP_MASTER, BACKUP_PASSPHRASE = 1, 2
+BACKUP_MASTER, BACKUP_PASSPHRASE, BACKUP_SEALED = 1, 2, 3
+_RECORD_LENGTH = struct.Struct(">I")
 _SCRYPT = struct.Struct(">16sBBB")  # salt, log2(n), r, p
 _SCRYPT_LOG2N, _SCRYPT_R, _SCRYPT_P = 17, 8, 1
 MIN_PASSPHRASE_CHARS = 16
@@ -574,14 +627,21 @@ def _passphrase_key(passphrase: bytes, salt: bytes, log2n: int, r: int, p: int) 
     return AESGCM(Scrypt(salt=salt, length=KEY_BYTES, n=1 << log2n, r=r, p=p).derive(passphrase))
 
 
-def seal_backup(payload: bytes, *, master: "MasterKey | None" = None, passphrase: bytes | None = None) -> bytes:
+def seal_backup(
+    payload: bytes, *, master: "MasterKey | Keyring | None" = None, passphrase: bytes | None = None, record: bytes | None = None
+) -> bytes:
     """Encrypt a whole backup with AES-256-GCM. The clear header says which key, and is bound as AAD.
 
-    magic || version || kind || [salt, scrypt parameters] || sealed payload.
-    kind 1: under the master key. kind 2: under scrypt(passphrase).
+    magic || version || kind || [salt, scrypt parameters | uint32 length, seal record] || sealed payload.
+    kind 1: under the master key. kind 2: under scrypt(passphrase). kind 3: under the master key,
+    with the home's seal record (public: the master keys in it are wrapped under the seal's KEK)
+    in clear, so that the shares or passphrase of the day the backup was made open it.
     """
     if (master is None) == (passphrase is None):
         raise ValueError("a backup is sealed under exactly one of the master key or a passphrase")
+    if record is not None and master is not None:
+        header = BACKUP_MAGIC + bytes([_BACKUP_VERSION, BACKUP_SEALED]) + _RECORD_LENGTH.pack(len(record)) + record
+        return header + master.seal(payload, "xks-proxy backup " + hashlib.sha256(header).hexdigest())
     if passphrase is not None:
         params = _SCRYPT.pack(os.urandom(16), _SCRYPT_LOG2N, _SCRYPT_R, _SCRYPT_P)
         header = BACKUP_MAGIC + bytes([_BACKUP_VERSION, BACKUP_PASSPHRASE]) + params
@@ -600,12 +660,30 @@ def backup_kind(blob: bytes) -> int:
         raise BackupError("not an xks-proxy backup file")
     if blob[head] != _BACKUP_VERSION:
         raise BackupError(f"backup format {blob[head]} is not supported by this xks-proxy")
-    if blob[head + 1] not in (BACKUP_MASTER, BACKUP_PASSPHRASE):
+    if blob[head + 1] not in (BACKUP_MASTER, BACKUP_PASSPHRASE, BACKUP_SEALED):
         raise BackupError("backup header names an unknown key kind")
     return blob[head + 1]
 
 
-def open_backup(blob: bytes, *, master: "MasterKey | None" = None, passphrase: bytes | None = None) -> bytes:
+def _sealed_header(blob: bytes) -> bytes:
+    head = len(BACKUP_MAGIC) + 2
+    if len(blob) < head + _RECORD_LENGTH.size:
+        raise BackupError("backup file is truncated")
+    (length,) = _RECORD_LENGTH.unpack(blob[head : head + _RECORD_LENGTH.size])
+    end = head + _RECORD_LENGTH.size + length
+    if len(blob) < end + 1 + IV_BYTES + TAG_BYTES:
+        raise BackupError("backup file is truncated")
+    return blob[:end]
+
+
+def backup_record(blob: bytes) -> bytes | None:
+    """The seal record in a BACKUP_SEALED backup's clear header (None for the other kinds)."""
+    if backup_kind(blob) != BACKUP_SEALED:
+        return None
+    return _sealed_header(blob)[len(BACKUP_MAGIC) + 2 + _RECORD_LENGTH.size :]
+
+
+def open_backup(blob: bytes, *, master: "MasterKey | Keyring | None" = None, passphrase: bytes | None = None) -> bytes:
     kind = backup_kind(blob)
     head = len(BACKUP_MAGIC) + 2
     if kind == BACKUP_PASSPHRASE:
@@ -621,6 +699,12 @@ def open_backup(blob: bytes, *, master: "MasterKey | None" = None, passphrase: b
             raise BackupError("backup does not open with this passphrase (wrong passphrase, or the file was altered)") from None
     if master is None:
         raise BackupError("this backup is encrypted under the master key: supply it (--master-key-file or the environment)")
+    if kind == BACKUP_SEALED:
+        header = _sealed_header(blob)
+        try:
+            return master.unseal(blob[len(header) :], "xks-proxy backup " + hashlib.sha256(header).hexdigest())
+        except ValueError:
+            raise BackupError("backup does not open under the master key its seal record gives (the file was altered)") from None
     header = blob[:head]
     try:
         return master.unseal(blob[head:], "xks-proxy backup " + header.hex())

@@ -29,17 +29,21 @@ def read_record(home: Path, dsn: str | None = None) -> SealRecord | None:
     return record_store(home, dsn).read()
 
 
-def legacy_keyring(master: MasterKey) -> Keyring:
-    """A home without a record: its one master key, which is also the KEK a first rekey/rotation keeps."""
-    return Keyring(Kek.of_master(master), master)
+def legacy_keyring(master: MasterKey, home: Path | None = None, dsn: str | None = None) -> Keyring:
+    """A home without a record: its one master key, which is also the KEK a first rekey/rotation keeps.
+
+    With `home`, it follows a record that appears later (a rotation converts the home to the
+    file seal whose key file is master.key, then rotates): a running proxy keeps serving.
+    """
+    return Keyring(Kek.of_master(master), master, refresh=_refresher(home, dsn) if home is not None else None)
 
 
-def _refresher(home: Path, dsn: str | None) -> Callable[[], tuple[str, dict[str, bytes]]]:
-    def refresh() -> tuple[str, dict[str, bytes]]:
+def _refresher(home: Path, dsn: str | None) -> Callable[[], tuple[str, dict[str, bytes], dict[str, bytes]]]:
+    def refresh() -> tuple[str, dict[str, bytes], dict[str, bytes]]:
         record = read_record(home, dsn)
         if record is None:
-            raise ValueError("the seal record is gone")
-        return record.current, record.keys
+            raise ValueError("no seal record")
+        return record.current, record.keys, record.links
 
     return refresh
 

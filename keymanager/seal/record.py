@@ -7,7 +7,8 @@ master key (rotation) is one write of it. `current` seals; any other key in `key
 retired by an interrupted or running rotation and still opens what was sealed under it.
 
     {"format": 1, "seal": "shamir", "params": {"threshold": 3, "shares": 5, "identifier": 1234},
-     "current": "<key id>", "keys": {"<key id>": "<base64 of the wrapped master key>", ...}}
+     "current": "<key id>", "keys": {"<key id>": "<base64 of the wrapped master key>", ...},
+     "links": {"<key id>": "<base64 of it sealed under the key it succeeded>"}}  (after a rotation)
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ class SealRecord:
     params: dict[str, Any]
     current: str
     keys: dict[str, bytes] = field(default_factory=dict)
+    #: key id -> that key sealed under the key it succeeded (`Keyring.link`): a process opened
+    #: before a rekey (another KEK) still adopts a rotation's new key through the key it holds.
+    links: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def retiring(self) -> tuple[str, ...]:
         """Key ids a rotation has not finished moving away from."""
         return tuple(k for k in self.keys if k != self.current)
 
-    def with_keys(self, current: str, keys: dict[str, bytes]) -> "SealRecord":
-        return replace(self, current=current, keys=dict(keys))
+    def with_keys(self, current: str, keys: dict[str, bytes], links: dict[str, bytes] | None = None) -> "SealRecord":
+        kept = {k: v for k, v in (self.links if links is None else links).items() if k in keys}
+        return replace(self, current=current, keys=dict(keys), links=kept)
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -53,6 +58,8 @@ class SealRecord:
             "current": self.current,
             "keys": {kid: base64.b64encode(blob).decode() for kid, blob in self.keys.items()},
         }
+        if self.links:
+            doc["links"] = {kid: base64.b64encode(blob).decode() for kid, blob in self.links.items()}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -64,7 +71,8 @@ class SealRecord:
             if doc["seal"] not in KINDS:
                 raise SealError(f"{where}: unknown seal {doc['seal']!r}")
             keys = {str(k): base64.b64decode(v, validate=True) for k, v in doc["keys"].items()}
-            record = cls(kind=doc["seal"], params=dict(doc["params"]), current=str(doc["current"]), keys=keys)
+            links = {str(k): base64.b64decode(v, validate=True) for k, v in doc.get("links", {}).items()}
+            record = cls(kind=doc["seal"], params=dict(doc["params"]), current=str(doc["current"]), keys=keys, links=links)
         except SealError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -203,6 +203,12 @@ def _key_names(db: "VaultDB") -> set[tuple[str, str]]:
     return {name for name in keys if name[0] != INTERNAL_STORE}
 
 
+def _reseal(config: "Config", keyring: Any, also: Any) -> dict[str, int]:
+    from keymanager.vault.rotation import reseal_vault
+
+    return reseal_vault(config.vault.path, keyring, config.vault.dsn, also)
+
+
 BACKEND = Backend(
     name="vault",
     parse_section=_parse_section,
@@ -212,4 +218,5 @@ BACKEND = Backend(
     init_home=_init_home,
     backup=_Backup(),
     fleet=_Fleet(),
+    reseal=_reseal,
 )

@@ -21,23 +21,30 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keymanager.crypto import (
     BACKUP_PASSPHRASE,
+    BACKUP_SEALED,
     MIN_PASSPHRASE_CHARS,
     BackupError,
     MasterKey,
     backup_kind,
+    backup_record,
     open_backup,
     seal_backup,
 )
+from keymanager.seal.record import SEAL_FILE, SealError
 from xks_proxy import config as configmod
+from xks_proxy.cli.common import CommandError
 from xks_proxy.config import CONFIG_FILE, ConfigError
+
+if TYPE_CHECKING:
+    from keymanager.seal.record import SealRecord
 
 _FORMAT = 1
 _VAULT_NAME = "vault.db"
-_SAFE_NAME = ("config.toml", "vault.db")
+_SAFE_NAME = ("config.toml", "vault.db", SEAL_FILE)
 
 
 class RestoreError(Exception):
@@ -64,7 +71,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_true",
         help="make keys that were pending deletion DISABLED instead (to rescue a key deleted by mistake)",
     )
+    restore.add_argument("--seal-passphrase-file", help="a passphrase-sealed home's passphrase of the day of the backup (else stdin)")
     restore.set_defaults(func=cmd_restore)
+    from xks_proxy.cli.rotation import add_parsers, current_seal_arguments
+
+    current_seal_arguments(backup)
+    add_parsers(vault, common)
 
 
 def _passphrase(path: str | None) -> bytes | None:
@@ -82,41 +94,64 @@ def _passphrase(path: str | None) -> bytes | None:
 def cmd_backup(args: argparse.Namespace) -> int:
     from keymanager.base import KeyRefused
     from keymanager.registry import backend
+    from xks_proxy.cli.rotation import open_home
 
-    config = configmod.load(configmod.home_dir(args.home))
+    home = configmod.home_dir(args.home)
+    base = configmod.load(home, shared=False)
     out = Path(args.file)
     try:
         passphrase = _passphrase(args.passphrase_file)
         if out.exists():
             raise RestoreError(f"{out} exists; a backup never overwrites a file")
+        before = _read_record(home, base.vault.dsn)
+        config = configmod.load(home, keyring=open_home(home, base.vault.dsn, before, base.keyring, args))
         backup = backend(config.backend).backup
         if backup is None:
             raise RestoreError(f"vault backup is not supported on backend {config.backend}")
         snapshot = backup.snapshot(config)
+        record = _backup_record(before, _read_record(home, base.vault.dsn))
     except (RestoreError, KeyRefused) as exc:
         print(f"xks-proxy: {exc}", file=sys.stderr)
         return 1
     files = {_VAULT_NAME: snapshot, CONFIG_FILE: _config_for_backup(config)}
+    if record is not None:
+        files[SEAL_FILE] = record.to_bytes()
     tls = config.home / "tls"
     if tls.is_dir():
         files.update({f"tls/{p.name}": p.read_bytes() for p in sorted(tls.iterdir()) if p.is_file()})
     payload = json.dumps(
         {"format": _FORMAT, "created": time.time(), "files": {name: base64.b64encode(data).decode() for name, data in files.items()}}
     ).encode()
-    sealed = seal_backup(payload, passphrase=passphrase) if passphrase else seal_backup(payload, master=config.master_key)
+    if passphrase:
+        sealed = seal_backup(payload, passphrase=passphrase)
+    else:
+        sealed = seal_backup(payload, master=config.master_key, record=record.to_bytes() if record is not None else None)
     _write_new(out, sealed)
-    print(
-        json.dumps(
-            {
-                "backup": str(out),
-                "encryptedUnder": "passphrase" if passphrase else "master key",
-                "files": sorted(files),
-                "bytes": len(sealed),
-            },
-            indent=2,
-        )
-    )
+    under = "passphrase" if passphrase else "master key" if record is None else f"master key, opened by the {record.kind} seal"
+    print(json.dumps({"backup": str(out), "encryptedUnder": under, "files": sorted(files), "bytes": len(sealed)}, indent=2))
     return 0
+
+
+def _read_record(home: Path, dsn: str | None) -> "SealRecord | None":
+    from keymanager.seal.home import read_record
+
+    try:
+        return read_record(home, dsn)
+    except SealError as exc:
+        raise RestoreError(str(exc)) from None
+
+
+def _backup_record(before: "SealRecord | None", after: "SealRecord | None") -> "SealRecord | None":
+    """The record that opens everything in the snapshot: the one after it, with any key a rotation
+    retired meanwhile (blobs under it may be in the snapshot) taken from the one before."""
+    if before is None or after is None:
+        return after if before is None else before
+    missing = {k: v for k, v in before.keys.items() if k not in after.keys}
+    if not missing:
+        return after
+    if (before.kind, before.params) != (after.kind, after.params):
+        raise RestoreError("the seal changed while the backup was taken; run the backup again")
+    return after.with_keys(after.current, {**after.keys, **missing})
 
 
 def _config_for_backup(config: configmod.Config) -> bytes:
@@ -160,22 +195,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     claimed: str | None = None  # "created" or "was-empty": set only once the home is ours to fill
     try:
         passphrase = _passphrase(args.passphrase_file)
-        master, master_text = _restore_master_key(args.master_key_file)
         try:
             blob = Path(args.file).read_bytes()
         except OSError as exc:
             raise RestoreError(f"cannot read {args.file}: {exc.strerror}") from None
-        if backup_kind(blob) == BACKUP_PASSPHRASE:
-            payload = open_backup(blob, passphrase=passphrase)
-        else:
-            payload = open_backup(blob, master=master)
-        files = _files(payload)
+        opened = _open(blob, passphrase, args)
         if home.exists() and (not home.is_dir() or any(home.iterdir())):
             raise RestoreError(f"--home: {home} exists and is not empty; restore creates a new home only")
         claimed = "was-empty" if home.exists() else "created"
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        summary = _restore_into(home, files, master_text, args.cancel_pending_deletions)
-    except (RestoreError, BackupError, ConfigError) as exc:
+        summary = _restore_into(home, opened, args.cancel_pending_deletions)
+    except (RestoreError, BackupError, ConfigError, SealError, CommandError) as exc:
         _unclaim(home, claimed)
         print(f"xks-proxy: {exc}", file=sys.stderr)
         return 1
@@ -184,6 +214,60 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise
     print(json.dumps(summary, indent=2))
     return 0
+
+
+class _Opened:
+    """A backup's files, and what opens them: a seal record with its keyring, or a master key (before seals)."""
+
+    def __init__(self, files: dict[str, bytes], record: "SealRecord | None" = None, keyring: Any = None,
+                 master_text: str | None = None, key_file: tuple[str, str] | None = None) -> None:  # fmt: skip
+        self.files, self.record, self.keyring, self.master_text, self.key_file = files, record, keyring, master_text, key_file
+
+
+def _open(blob: bytes, passphrase: bytes | None, args: argparse.Namespace) -> _Opened:
+    from keymanager.seal.record import SealRecord
+
+    kind = backup_kind(blob)
+    if kind == BACKUP_SEALED:
+        clear = backup_record(blob)
+        assert clear is not None
+        record = SealRecord.from_bytes(clear, f"the seal record of {args.file}")
+        keyring, key_file = _open_record(record, args)
+        files = _files(open_backup(blob, master=keyring))
+        files.pop(SEAL_FILE, None)
+        return _Opened(files, record, keyring, key_file=key_file)
+    if kind == BACKUP_PASSPHRASE:
+        files = _files(open_backup(blob, passphrase=passphrase))
+        inner = files.pop(SEAL_FILE, None)
+        if inner is not None:
+            record = SealRecord.from_bytes(inner, f"the seal record in {args.file}")
+            keyring, key_file = _open_record(record, args)
+            return _Opened(files, record, keyring, key_file=key_file)
+        master, master_text = _restore_master_key(args.master_key_file)
+        return _Opened(files, master_text=master_text)
+    master, master_text = _restore_master_key(args.master_key_file)
+    return _Opened(_files(open_backup(blob, master=master)), master_text=master_text)
+
+
+def _open_record(record: "SealRecord", args: argparse.Namespace) -> tuple[Any, tuple[str, str] | None]:
+    """The keyring of a backed-up seal record: the shares or passphrase of its day, or (file seal) its key file."""
+    from keymanager.crypto import Kek
+    from keymanager.seal.kinds import open_keyring
+    from xks_proxy.cli.secrets_input import open_kek
+
+    if record.kind == "file":
+        path = args.master_key_file
+        if path is None:
+            raise RestoreError("this backup's home had the file seal: give its key file (--master-key-file)")
+        try:
+            text = Path(path).read_text()
+            kek = Kek.from_text(text)
+        except (OSError, ValueError) as exc:
+            raise RestoreError(f"--master-key-file: {exc}") from None
+        return open_keyring(record, kek), (str(record.params.get("file", "master.key")), text)
+    if record.kind == "pkcs11":
+        raise RestoreError("restoring a backup of a pkcs11-sealed home is not supported yet")
+    return open_keyring(record, open_kek(record, args.seal_passphrase_file, None)), None
 
 
 def _unclaim(home: Path, claimed: str | None) -> None:
@@ -228,13 +312,15 @@ def _files(payload: bytes) -> dict[str, bytes]:
     return files
 
 
-def _restore_into(home: Path, files: dict[str, bytes], master_text: str | None, cancel_deletions: bool) -> dict[str, Any]:
+def _restore_into(home: Path, opened: _Opened, cancel_deletions: bool) -> dict[str, Any]:
     import tomllib
 
     from keymanager.base import KeyRefused
     from keymanager.registry import backend
+    from keymanager.seal.record import FileRecord
     from xks_proxy.cli.home import write_config
 
+    files = opened.files
     for name, data in files.items():
         if name == CONFIG_FILE:
             continue
@@ -244,16 +330,26 @@ def _restore_into(home: Path, files: dict[str, bytes], master_text: str | None, 
         target.chmod(0o600)
     raw = tomllib.loads(files[CONFIG_FILE].decode())
     raw.setdefault("vault", {})["path"] = _VAULT_NAME  # the restored vault, wherever the old one lived
-    if master_text is not None:
-        (home / "master.key").write_text(master_text)
+    keyring = None
+    if opened.record is not None:
+        from keymanager.seal.home import open_with
+
+        FileRecord(home).write(opened.record)
+        if opened.key_file is not None:
+            (home / opened.key_file[0]).write_text(opened.key_file[1])
+            (home / opened.key_file[0]).chmod(0o600)
+        keyring = open_with(home, None, opened.record, opened.keyring.kek)
+    if opened.master_text is not None:
+        (home / "master.key").write_text(opened.master_text)
         (home / "master.key").chmod(0o600)
         raw.setdefault("master_key", {})["file"] = "master.key"
     write_config(home, raw)
-    config = configmod.load(home)  # the master key must open the credentials...
+    config = configmod.load(home, keyring=keyring)  # the master key must open the credentials...
     backup = backend(config.backend).backup
     assert backup is not None  # a backup is made only of a backend that has the capability
     try:
         checked = backup.check_restored(config, cancel_deletions)  # ...and the restored vault
     except KeyRefused as exc:
         raise RestoreError(str(exc)) from None
-    return {"home": str(home), "keys": checked.pop("keys"), "files": sorted(files), **checked}
+    names = sorted([*files, SEAL_FILE] if opened.record is not None else files)
+    return {"home": str(home), "keys": checked.pop("keys"), "files": names, **checked}

@@ -145,7 +145,7 @@ def keyring(home: Path, raw: dict[str, Any], dsn: str | None) -> "tuple[Keyring 
     try:
         record = seal.read_record(home, dsn)
         if record is None:
-            return seal.legacy_keyring(master_key(home, table(raw, "master_key"))), "file"
+            return seal.legacy_keyring(master_key(home, table(raw, "master_key")), home, dsn), "file"
         return seal.auto_open(home, dsn, record, seal_table), record.kind
     except seal.SealError as exc:
         raise ConfigError(str(exc)) from None
