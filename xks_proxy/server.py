@@ -1,7 +1,8 @@
 """The XKS HTTP server: routing, SigV4, validation, the key manager call, and the response.
 
 It knows key managers only through `keymanager.base.KeyManager`, and errors only through
-`xks_proxy.errors`: every failure becomes one single-line JSON body here, in `_respond_error`.
+`xks_proxy.errors`: every failure becomes one single-line JSON body here, in `error_response`
+(also the sealed responder's, process/sealed.py).
 Order of work per request: route (an unknown prefix or path is answered before any signature
 check), read the body under a cap and a timeout, take an in-flight slot, verify SigV4 against
 the store's credentials, check the content type, parse and validate, charge the store's rate
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 access_log = logging.getLogger("xks_proxy.access")
 log = logging.getLogger("xks_proxy.server")
 
-_API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
+API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
 LIVENESS_PATH = "/ping"
 #: While this file exists in the home, GET /ping answers 503: load balancers drain the proxy.
 DRAIN_FILE = "drain"
@@ -137,12 +138,12 @@ class XksServer:
                 log.exception("unexpected failure handling %s", outcome.operation)
                 exc = InternalException("internal error; see the proxy log")
             outcome.error = exc.name
-            response = self._respond_error(exc)
+            response = error_response(exc)
         self._log(outcome, response.status, started, request)
         return response
 
     def _route(self, request: web.Request, path: str, outcome: Outcome) -> tuple[Store, str | None]:
-        match = _API_PATH.match(path)
+        match = API_PATH.match(path)
         store = self.stores.by_prefix.get(match["prefix"] or "") if match else None
         if match is None or store is None:
             raise InvalidUriPathException("no XKS API at this path")
@@ -297,14 +298,6 @@ class XksServer:
         )
         return {"plaintext": b64encode(plaintext).decode()}
 
-    @staticmethod
-    def _respond_error(exc: XksError) -> web.Response:
-        headers = {"Allow": "POST"} if isinstance(exc, MethodNotAllowed) else None
-        response = web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
-        if isinstance(exc, (RequestTimeout, ClientDisconnected)):
-            response.force_close()  # a stalled or vanished client gets no further request on this connection
-        return response
-
     def _log(self, outcome: Outcome, status: int, started: float, request: web.Request) -> None:
         """One JSON record per request to the access log and the audit log; never data or secrets."""
         seconds = time.perf_counter() - started
@@ -338,3 +331,12 @@ class XksServer:
         ).decode()
         audit.write_line(line)
         access_log.info("%s", line)
+
+
+def error_response(exc: XksError) -> web.Response:
+    """The one place an XKS error becomes an HTTP response (status and one line of JSON)."""
+    headers = {"Allow": "POST"} if isinstance(exc, MethodNotAllowed) else None
+    response = web.Response(status=exc.status, body=orjson.dumps(exc.body()), content_type=_JSON, headers=headers)
+    if isinstance(exc, (RequestTimeout, ClientDisconnected)):
+        response.force_close()  # a stalled or vanished client gets no further request on this connection
+    return response

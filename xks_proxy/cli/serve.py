@@ -144,9 +144,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from xks_proxy.process.hardening import no_core_dumps
     from xks_proxy.process.sockets import ListenError
     from xks_proxy.process.supervisor import serve
 
+    no_core_dumps()  # before the seal opens: no core file ever holds the master key
     _setup_logging(args.log_level)
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is not None:

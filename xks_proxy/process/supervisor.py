@@ -2,12 +2,17 @@
 
 `serve()` checks what would stop a start (a certificate that cannot serve, an audit file that
 cannot be written), binds the socket, and runs one worker in-process (worker.py) or supervises
-several. With `--workers N > 1` the supervisor forks N workers that each build their own key
-manager after the fork (no SQLite connection or PKCS#11 session crosses a fork): worker 0 alone
+several. A sealed home (docs/sealing.md) is always supervised: the supervisor holds the control
+socket (control_socket.py, control.py) through which `unseal` opens the master keys and `seal`
+drops them; while sealed a child (sealed.py) answers 503 on the port; at the unseal the workers
+fork with the keyring, at a seal they stop. The file seal (key in clear) is served as before.
+
+With `--workers N > 1` the supervisor forks N workers that each build their own key manager
+after the fork (no SQLite connection or PKCS#11 session crosses a fork): worker 0 alone
 first, the others once it serves, so a wrong HSM PIN is tried once. It restarts a worker that
 dies (but stops when a worker cannot start at all, see EXIT_CANNOT_START), passes SIGTERM/SIGINT
 on for a graceful stop and SIGHUP on for a reload, and learns of each signal from a wakeup pipe
-it selects on (_SignalPipe says why). Every worker watches the vault, config.toml and the TLS
+it selects on (signalpipe.py says why). Every worker watches the vault, config.toml and the TLS
 files itself, so changes reach all of them within a second. Each worker holds 1/N of the
 throttle limits. A sidecar process (sidecar.py) writes the one audit file and serves the metrics
 of all workers. The admin listener, if enabled, runs in worker 0 only: its port is single.
@@ -28,11 +33,16 @@ from dataclasses import replace
 from functools import partial
 from typing import Callable, NoReturn
 
+from keymanager.base import StorageUnavailable
+from xks_proxy import config as configmod
 from xks_proxy.access import audit
 from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
+from xks_proxy.process.control import Gate, sealed_copy
+from xks_proxy.process.control_socket import ControlChannel
+from xks_proxy.process.signalpipe import SignalPipe, report_ready
 from xks_proxy.process.sockets import ListenError, listen
 from xks_proxy.process.worker import HANDLED_SIGNALS, Shared, serve_worker
 
@@ -40,6 +50,8 @@ log = logging.getLogger("xks_proxy")
 #: A worker whose key manager cannot start (a refused HSM PIN, an unreadable vault): restarting
 #: it would not help, and retrying a wrong PIN can lock the HSM account. The supervisor stops.
 EXIT_CANNOT_START = 3
+#: Slots of the supervisor's children that are not workers (workers are 0..N-1).
+SIDECAR, SEALED = -1, -2
 
 
 def serve(
@@ -61,6 +73,8 @@ def serve(
     if config.audit.path is not None:
         audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
     sock = listen(host, port) if sock is None else sock
+    if config.seal == "file":  # once per proxy: here, before any worker forks
+        log.warning("the master key is in clear in %s (file seal): for development only (docs/sealing.md)", config.home)
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
     announce = partial(
@@ -70,7 +84,7 @@ def serve(
     # process killed inside a PKCS#11 call (a login rewrites SoftHSM's token file) can lose every key.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
-        if workers <= 1:
+        if workers <= 1 and config.seal == "file":
             asyncio.run(serve_worker(config, sock, plain_http, None, announce))
             return 0
         return _supervise(config, sock, plain_http, workers, announce)
@@ -87,69 +101,14 @@ def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: i
         supervisor.close()
 
 
-def _noop(_signum: int, _frame: object) -> None:
-    """A Python-level handler is what makes CPython's C handler write to the wakeup fd."""
-
-
-class _SignalPipe:
-    """The supervisor's signals as bytes on a pipe, read where it waits.
-
-    CPython runs a Python signal handler only between bytecodes of the main thread. A signal
-    that lands after the last such check and before a blocking call (os.wait, os.read) is
-    recorded, but nothing interrupts the call, and the handler waits for the call to return: with
-    idle workers, never (the supervisor then hung on a stop, about once in 100 on a busy machine). With
-    `set_wakeup_fd` the C-level handler also writes the signal's number to this pipe, and every
-    wait of the supervisor is a select() that includes the pipe: a signal that came before the
-    wait or during it is seen either way. The Python handlers do nothing; the supervisor acts on
-    the bytes in its one thread, between waits, never half-way through a fork or a reap.
-    """
-
-    def __init__(self, signums: frozenset[signal.Signals]) -> None:
-        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._old_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        for signum in signums:
-            signal.signal(signum, _noop)
-
-    def read(self) -> list[int]:
-        """The signals received since the last read, in order (each one byte)."""
-        data = b""
-        while chunk := self._read_some():
-            data += chunk
-        return list(data)
-
-    def _read_some(self) -> bytes:
-        try:
-            return os.read(self.fd, 512)
-        except BlockingIOError:
-            return b""
-
-    def close(self) -> None:
-        """The handlers stay no-ops: a second SIGTERM while the supervisor exits must not turn exit 0 into death by signal."""
-        signal.set_wakeup_fd(self._old_fd)
-        os.close(self.fd)
-        os.close(self._write_fd)
-
-    def close_in_child(self) -> None:
-        """A forked child's signals are its own: written here they would stop the supervisor."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.close(self.fd)
-        os.close(self._write_fd)
-
-
-def _report_ready(ready: int) -> None:
-    """In a child: tell the supervisor waiting on this pipe that it serves (EOF would say it died)."""
-    os.write(ready, b"+")
-    os.close(ready)
-
-
 class _Supervisor:
-    """Sidecar first, then worker 0 alone (the one HSM login that verifies the PIN), the others
-    only once it is up; then restart workers that die.
+    """Sidecar first; while sealed, the sealed responder; then worker 0 alone (the one HSM login
+    that verifies the PIN), the others only once it is up; then restart workers that die.
 
-    Every wait is `_wait` (a select over the signal pipe and, while a child starts, its ready
-    pipe), and every decision (stop, reload, reap, restart) is taken in this one thread between
-    waits: no handler runs half-way through a fork, and no signal waits behind a blocking call.
+    Every wait is `_wait` (a select over the signal pipe, the control socket and, while a child
+    starts, its ready pipe), and every decision (stop, reload, reap, restart, unseal, seal) is
+    taken in this one thread between waits: no handler runs half-way through a fork, and no
+    signal waits behind a blocking call.
     """
 
     def __init__(self, config: Config, sock: socket.socket, plain_http: bool, workers: int) -> None:
@@ -161,29 +120,28 @@ class _Supervisor:
             self.metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # read by prometheus_client in the children
         self.shared = Shared(workers=workers, audit_socket=audit_tx)
-        self.children: dict[int, int] = {}  # pid -> slot; slot -1 is the sidecar
-        self.stopping = self.failed = False
-        self.signals: _SignalPipe | None = None
+        self.children: dict[int, int] = {}  # pid -> slot (SIDECAR, SEALED or a worker's)
+        self.retired: set[int] = set()  # children told to stop by a seal or an unseal: never restarted
+        self.stopping = self.failed = self.announced = False
+        self.signals: SignalPipe | None = None
+        self.gate: Gate | None = None
+        self.control: ControlChannel | None = None
+        if config.seal != "file":
+            self.gate = Gate(config.home, config.vault.dsn, config.seal, config.raw.get("seal") or {}, config.keyring)
+            self.control = ControlChannel(config.home, self.gate.answer)
 
     def run(self, announce: Callable[[], object]) -> int:
-        self.signals = _SignalPipe(HANDLED_SIGNALS | {signal.SIGCHLD})
+        self.signals = SignalPipe(HANDLED_SIGNALS | {signal.SIGCHLD})
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # from here on a signal is a byte on the pipe
         if self.audit_rx is not None or self.metrics_sock is not None:
             # The sidecar is up before the workers start: their start (HSM logins above all) then
             # does not overlap with it, and the metrics endpoint answers as soon as workers serve.
-            self._wait_ready(self._spawn_with_ready(-1), timeout=5.0)
-        # Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
-        # another process); the others log in only once it serves.
-        first_up = not self.stopping and self._wait_ready(self._spawn_with_ready(0))
-        if first_up:
-            announce()
-            if self.metrics_sock is not None:
-                log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_sock.getsockname()[1])
-            for slot in range(1, self.workers):
-                if not self.stopping:
-                    self._spawn(slot)
-        elif not self.stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
-            self.stopping = self.failed = True  # the sidecar is stopped once worker 0 is reaped
+            self._wait_ready(self._spawn_with_ready(SIDECAR), timeout=5.0)
+        while not self.stopping:
+            if self._sealed():
+                self._sealed_phase()
+            else:
+                self._serving_phase(announce)
         while self.children:
             self._reap()
             if self.children:
@@ -191,23 +149,102 @@ class _Supervisor:
         return EXIT_CANNOT_START if self.failed else 0
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         if self.signals is not None:
             self.signals.close()
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
+    # --- phases ----------------------------------------------------------------------------------
+
+    def _sealed(self) -> bool:
+        return self.gate is not None and self.gate.sealed
+
+    def _sealed_phase(self) -> None:
+        """Answer sealed until the gate opens a keyring (or a stop), then load the configuration with it."""
+        assert self.gate is not None
+        self.config = sealed_copy(self.config)  # the master keys and credential secrets go with the seal
+        if SEALED not in {slot for pid, slot in self.children.items() if pid not in self.retired}:
+            if not self._wait_ready(self._spawn_with_ready(SEALED), timeout=15.0):
+                if not self.stopping:
+                    log.error("the sealed responder cannot start; stopping")
+                    self._stop()
+                    self.failed = True
+                return
+            scheme, (host, port) = "http" if self.plain_http else "https", self.sock.getsockname()[:2]
+            log.warning(
+                "sealed (%s seal): answering 503 on %s://%s:%d until `xks-proxy unseal --home %s`",
+                self.gate.kind, scheme, host, port, self.config.home,
+            )  # fmt: skip
+        while not self.stopping and self._sealed():
+            self._reap()
+            if not self.stopping and self._sealed():
+                self._wait([], None)
+        if not self.stopping:
+            try:
+                self.config = self._open_config()
+            except (ConfigError, StorageUnavailable) as exc:
+                log.error("unsealed, but the configuration does not load: %s; sealed again", exc)
+                self.gate.seal()
+
+    def _open_config(self) -> Config:
+        """config.toml (and a fleet's stores) read again with the keyring the unseal opened."""
+        assert self.gate is not None and self.gate.keyring is not None
+        config = configmod.load(self.config.home, shared=False, keyring=self.gate.keyring)
+        if config.vault.dsn is not None:
+            from xks_proxy.fleet.member import wait_for_stores
+
+            config = wait_for_stores(config)
+        return config
+
+    def _serving_phase(self, announce: Callable[[], object]) -> None:
+        """Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
+        another process); the others log in only once it serves. Returns on a stop or a seal."""
+        first_up = self._wait_ready(self._spawn_with_ready(0))
+        self._retire(lambda slot: slot == SEALED)  # the sealed responder goes once a worker serves
+        if not first_up:
+            if not self.stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
+                self.stopping = self.failed = True  # the sidecar is stopped once worker 0 is reaped
+            return
+        if self.gate is not None:
+            self.gate.serving = True
+        announce()
+        if self.metrics_sock is not None and not self.announced:
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.metrics_sock.getsockname()[1])
+        self.announced = True
+        for slot in range(1, self.workers):
+            if not self.stopping:
+                self._spawn(slot)
+        while not self.stopping and not self._sealed():
+            self._reap()
+            if not self.stopping and not self._sealed():
+                self._wait([], None)
+        if not self.stopping:  # sealed: the workers finish what they serve and exit; the responder starts now
+            self._retire(lambda slot: slot >= 0)
+
+    def _retire(self, which: Callable[[int], bool]) -> None:
+        """SIGTERM to these children of the phase that ends: they finish what they serve, and stay gone."""
+        self._kill(signal.SIGTERM, which, retire=True)
+
     # --- waiting ---------------------------------------------------------------------------------
 
     def _wait(self, fds: list[int], timeout: float | None) -> bool:
-        """Wait until one of `fds` is readable (True), a signal came, or `timeout`; act on the signals."""
+        """Wait until one of `fds` is readable (True), a signal came, or `timeout`; act on the signals
+        and on control requests (which may unseal or seal the gate: the phases look after each wait)."""
         assert self.signals is not None
-        readable = select.select([self.signals.fd, *fds], [], [], timeout)[0]
+        control = self.control.fds() if self.control is not None else []
+        if self.control is not None and (next_deadline := self.control.timeout()) is not None:
+            timeout = next_deadline if timeout is None else min(timeout, next_deadline)
+        readable = select.select([self.signals.fd, *fds, *control], [], [], timeout)[0]
         for signum in self.signals.read():
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop()
             elif signum == signal.SIGHUP:
                 self._signal_workers(signal.SIGHUP)
             # SIGCHLD only wakes the loop: `_reap` collects every child that exited
+        if self.control is not None:
+            self.control.service(readable)
         return any(fd in readable for fd in fds)
 
     def _wait_ready(self, ready: int, timeout: float | None = None) -> bool:
@@ -256,7 +293,15 @@ class _Supervisor:
         try:
             assert self.signals is not None
             self.signals.close_in_child()
-            if slot < 0:  # holds no key: the default actions are fine until its loop handles them
+            if self.control is not None:  # the control socket is the supervisor's alone
+                self.control.close()
+            self.gate = None
+            up = partial(report_ready, ready) if ready is not None else lambda: None
+            if slot == SEALED:
+                from xks_proxy.process import sealed
+
+                asyncio.run(sealed.serve_sealed(self.config, self.sock, self.plain_http, up))
+            elif slot == SIDECAR:  # holds no key: the default actions are fine until its loop handles them
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -265,7 +310,6 @@ class _Supervisor:
 
                 sidecar.run(self.config, self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
             else:
-                up = partial(_report_ready, ready) if ready is not None else lambda: None
                 shared = replace(self.shared, admin=slot == 0)
                 asyncio.run(serve_worker(self.config, self.sock, self.plain_http, shared, up))
             code = 0
@@ -279,7 +323,7 @@ class _Supervisor:
             log.error("worker cannot start: %s", exc)
             code = EXIT_CANNOT_START
         except BaseException:
-            log.exception("%s failed", "sidecar" if slot < 0 else "worker")
+            log.exception("%s failed", _name(slot))
         finally:
             os._exit(code)
 
@@ -303,21 +347,30 @@ class _Supervisor:
             multiprocess.mark_process_dead(pid, self.metrics_dir)
         if slot is None:
             return
-        if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not self.stopping:
-            log.error("a restarted worker cannot start; stopping all workers (not retrying)")
+        wanted = pid not in self.retired and self._wanted(slot)
+        self.retired.discard(pid)
+        if os.waitstatus_to_exitcode(status) == EXIT_CANNOT_START and not self.stopping and wanted:
+            log.error("a restarted %s cannot start; stopping all workers (not retrying)", _name(slot))
             self._stop()
             self.failed = True
         if self.stopping:
             if not self._workers_left():
                 self._stop_sidecar()
             return
-        log.error("%s %d exited (status %d); starting a new one", "sidecar" if slot < 0 else "worker", pid, status)
+        if not wanted:  # stopped by a seal or an unseal, or of the phase that just ended
+            return
+        log.error("%s %d exited (status %d); starting a new one", _name(slot), pid, status)
         self._pause(0.5)  # no hot crash loop
-        if not self.stopping:
+        if not self.stopping and self._wanted(slot):
             self._spawn(slot)
 
+    def _wanted(self, slot: int) -> bool:
+        """Whether a child of this slot belongs to the current phase (restarted if it dies)."""
+        return slot == SIDECAR or self._sealed() == (slot == SEALED)
+
     def _workers_left(self) -> bool:
-        return any(slot >= 0 for slot in self.children.values())
+        """Workers or the sealed responder: what must be gone before the sidecar stops."""
+        return any(slot != SIDECAR for slot in self.children.values())
 
     def _stop(self) -> None:
         self.stopping = True
@@ -326,16 +379,22 @@ class _Supervisor:
             self._stop_sidecar()
 
     def _signal_workers(self, signum: int) -> None:
-        self._kill(signum, lambda slot: slot >= 0)
+        self._kill(signum, lambda slot: slot != SIDECAR)
 
     def _stop_sidecar(self) -> None:
         """Once the workers are gone, the sidecar writes what is left of the audit records and stops."""
-        self._kill(signal.SIGTERM, lambda slot: slot < 0)
+        self._kill(signal.SIGTERM, lambda slot: slot == SIDECAR)
 
-    def _kill(self, signum: int, which: Callable[[int], bool]) -> None:
+    def _kill(self, signum: int, which: Callable[[int], bool], retire: bool = False) -> None:
         for pid, slot in list(self.children.items()):
-            if which(slot):
+            if which(slot) and not (retire and pid in self.retired):
+                if retire:
+                    self.retired.add(pid)
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
+
+
+def _name(slot: int) -> str:
+    return {SIDECAR: "sidecar", SEALED: "sealed responder"}.get(slot, "worker")

@@ -199,10 +199,10 @@ def test_a_signal_before_the_supervisor_waits_is_seen_by_the_wait() -> None:
     bytecodes of the main thread, so a SIGTERM landing just before the supervisor's blocking
     os.wait() was recorded (the C handler ran) but acted on never. The supervisor now waits in
     select() over a wakeup pipe, where a signal that came before the wait is already a byte."""
-    from xks_proxy.process.supervisor import _SignalPipe
+    from xks_proxy.process.signalpipe import SignalPipe
 
     previous = signal.getsignal(signal.SIGHUP)
-    pipe = _SignalPipe(frozenset({signal.SIGHUP}))
+    pipe = SignalPipe(frozenset({signal.SIGHUP}))
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         os.kill(os.getpid(), signal.SIGHUP)  # pending; delivered (the C handler runs) on the unblock
