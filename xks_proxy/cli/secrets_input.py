@@ -15,7 +15,7 @@ from pathlib import Path
 from keymanager.seal.home import secret_from
 from keymanager.seal.kinds import Unsealer
 from keymanager.seal.record import SealError, SealRecord
-from xks_proxy.cli.common import CommandError
+from xks_proxy.cli.refusal import CommandError
 
 PASSPHRASE_ENV = "XKS_PROXY_PASSPHRASE"
 
