@@ -97,8 +97,14 @@ async def _one_round_trip(run: Run, findings: Findings, plaintext: bytes, aad: b
         matches = False
     if not matches:
         return f"Decrypt ({where}): plaintext missing or different from what was encrypted", \
-            Outcome("KMSInvalidStateException", "KMS Decrypt fails: the proxy's plaintext is not KMS's inner ciphertext")
+            _unusable("Decrypt", "the proxy's plaintext is not KMS's inner ciphertext")
     return None
+
+
+def _unusable(operation: str, why: str) -> Outcome:
+    """A 200 KMS cannot use is an invalid response: the table says what the caller gets."""
+    exception = outcomes.crypto(outcomes.INVALID_RESPONSE, operation).code
+    return Outcome(exception, f"{why}: KMS {operation} fails with {exception}")
 
 
 def _aspects(run: Run, findings: Findings) -> None:
@@ -112,7 +118,7 @@ def _aspects(run: Run, findings: Findings) -> None:
         run.check(f"crypto/{aspect}", title, ok=not problems, expected=expected,
                   actual=shown[:400] if problems else _summary(aspect, findings),
                   kms=Outcome("OK", "KMS accepts the Encrypt response") if not problems else
-                  Outcome("KMSInvalidStateException", "KMS cannot use the Encrypt response: Encrypt fails with KMSInvalidStateException"))
+                  _unusable("Encrypt", "KMS cannot use the Encrypt response"))
 
 
 def _summary(aspect: str, findings: Findings) -> str:

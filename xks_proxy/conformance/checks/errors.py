@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from xks_proxy import kms_outcomes
 from xks_proxy.conformance import outcomes
 from xks_proxy.conformance.checks import Run
 from xks_proxy.conformance.client import b64
@@ -153,6 +154,11 @@ def check_error_bodies(run: Run) -> None:
               expected="one line of JSON; errorName from the spec with its HTTP status; errorMessage printable ASCII < 512",
               actual=f"{len(errors)} error responses well-formed" if not unique else
               f"{len(unique)} problems, e.g. " + "; ".join(unique[:3]),
-              kms=Outcome("OK", "KMS can interpret every error") if not unique else Outcome(
-                  "XKS_PROXY_INVALID_RESPONSE", "KMS cannot interpret these errors: XKS_PROXY_INVALID_RESPONSE on "
-                  "connect (XksProxyInvalidResponseException), KMSInvalidStateException for Encrypt/Decrypt"))
+              kms=Outcome("OK", "KMS can interpret every error") if not unique else _uninterpretable())
+
+
+def _uninterpretable() -> Outcome:
+    invalid = outcomes.INVALID_RESPONSE
+    code, crypto = outcomes.connection_code(invalid), outcomes.crypto(invalid, "Encrypt").code
+    store = kms_outcomes.create_store_exception(invalid)
+    return Outcome(code, f"KMS cannot interpret these errors: {code} on connect ({store}), {crypto} for Encrypt/Decrypt")

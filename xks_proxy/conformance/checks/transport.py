@@ -16,7 +16,7 @@ from xks_proxy.conformance import outcomes, tls
 from xks_proxy.conformance.checks import Run
 from xks_proxy.conformance.results import Outcome
 
-TLS_CODE = "XKS_PROXY_INVALID_TLS_CONFIGURATION"
+TLS_CODE = outcomes.connection_code(outcomes.TLS)
 
 
 @dataclass
@@ -82,8 +82,8 @@ def _port(run: Run) -> None:
     run.check("transport/port", "port KMS connects to", ok=port == 443, advisory=True,
               expected="443 (KMS always connects on port 443)", actual=f"port {port}",
               kms=Outcome("OK", "KMS reaches this port") if port == 443 else Outcome(
-                  "XKS_PROXY_NOT_REACHABLE", "KMS connects only on port 443: unless a load balancer forwards 443 "
-                  "here, ConnectCustomKeyStore FAILED with XKS_PROXY_NOT_REACHABLE"))
+                  outcomes.connection_code(outcomes.UNREACHABLE), "KMS connects only on port 443: unless a load balancer "
+                  f"forwards 443 here, ConnectCustomKeyStore FAILED with {outcomes.connection_code(outcomes.UNREACHABLE)}"))
 
 
 async def _reachable(run: Run) -> bool:
