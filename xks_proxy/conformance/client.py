@@ -158,14 +158,26 @@ class XksClient:
             async with self._session.post(url, data=raw, headers=headers, allow_redirects=False) as response:
                 data = await response.read()
                 return Reply(label, response.status, data, _ms(start))
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            return Reply(label, None, b"", _ms(start), outcomes.TLS, f"TLS failure: {exc}")
-        except aiohttp.ClientConnectorError as exc:
-            return Reply(label, None, b"", _ms(start), outcomes.UNREACHABLE, f"cannot connect: {exc.strerror or exc}")
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            return Reply(label, None, b"", _ms(start), outcomes.TIMEOUT, f"no answer within {self.settings.timeout:g} s")
-        except aiohttp.ClientError as exc:
-            return Reply(label, None, b"", _ms(start), outcomes.INVALID_RESPONSE, f"broken HTTP exchange: {type(exc).__name__}: {exc}")
+        except TRANSPORT_ERRORS as exc:
+            return Reply(label, None, b"", _ms(start), *transport_failure(exc, self.settings.timeout))
+
+
+#: What an aiohttp exchange raises when no HTTP answer came back; `transport_failure` names it.
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def transport_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """(kind, detail) of an exchange that got no HTTP answer, in the outcome table's kinds.
+
+    Shared with the local KMS's client, so both read a failed exchange the same way.
+    """
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+        return outcomes.TLS, f"TLS failure: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return outcomes.UNREACHABLE, f"cannot connect: {exc.strerror or exc}"
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return outcomes.TIMEOUT, f"no answer within {timeout:g} s"
+    return outcomes.INVALID_RESPONSE, f"broken HTTP exchange: {type(exc).__name__}: {exc}"
 
 
 def _ms(start: float) -> float:

@@ -119,6 +119,27 @@ def fleet_states(body: Any) -> list[str]:
     return [entry.get("healthStatus") for entry in fleet or [] if isinstance(entry, dict)]
 
 
+def health_verdict(body: Any) -> tuple[str, str]:
+    """The kind of a 200 GetHealthStatus answer: OK, INVALID_RESPONSE, or ALL_UNAVAILABLE (KMS will not connect)."""
+    problems = health_problems(body)
+    if problems:
+        return outcomes.INVALID_RESPONSE, "; ".join(problems)
+    states = fleet_states(body)
+    if all(state == "UNAVAILABLE" for state in states):
+        return outcomes.ALL_UNAVAILABLE, f"all {len(states)} ekmFleetDetails entries are UNAVAILABLE"
+    return outcomes.OK, f"fleet size {body['xksProxyFleetSize']}, vendor {body['xksProxyVendor']!r}, ekm {', '.join(states)}"
+
+
+def metadata_verdict(body: Any) -> tuple[str, str]:
+    """The kind of a 200 GetKeyMetadata answer: OK, INVALID_RESPONSE, or KEY_CONFIG (CreateKey refuses the key)."""
+    malformed, unusable = metadata_problems(body)
+    if malformed:
+        return outcomes.INVALID_RESPONSE, "; ".join(malformed)
+    if unusable:
+        return outcomes.KEY_CONFIG, "; ".join(unusable)
+    return outcomes.OK, f"{body['keySpec']}, keyUsage {body['keyUsage']}, {body['keyStatus']}"
+
+
 def metadata_problems(body: Any) -> tuple[list[str], list[str]]:
     """(malformed, unusable): shape errors KMS cannot read, and a key CreateKey refuses."""
     if not isinstance(body, dict):

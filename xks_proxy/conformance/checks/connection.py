@@ -13,7 +13,7 @@ from xks_proxy.conformance import outcomes
 from xks_proxy.conformance.checks import Run
 from xks_proxy.conformance.client import Reply
 from xks_proxy.conformance.results import Outcome
-from xks_proxy.conformance.validate import classify, fleet_states, health_problems, metadata_problems
+from xks_proxy.conformance.validate import classify, fleet_states, health_verdict, metadata_verdict
 
 HEALTH_OPERATIONS = ("CreateCustomKeyStore", "ConnectCustomKeyStore", "KmsHealthCheck")
 HEALTH_EXPECTED = ("HTTP 200 within 250 ms; xksProxyFleetSize > 0, vendor and model strings, 1-10 ekmFleetDetails "
@@ -33,15 +33,9 @@ async def _health(run: Run, operation: str) -> list[str]:
     kind, actual = classify(reply, run.settings.budget_ms)
     states: list[str] = []
     if kind == outcomes.OK:
-        body = reply.json()
-        problems = health_problems(body)
-        states = fleet_states(body)
-        if problems:
-            kind, actual = outcomes.INVALID_RESPONSE, "; ".join(problems)
-        elif states and all(state == "UNAVAILABLE" for state in states):
-            kind, actual = outcomes.ALL_UNAVAILABLE, f"all {len(states)} ekmFleetDetails entries are UNAVAILABLE"
-        else:
-            actual = f"{actual}; fleet size {body['xksProxyFleetSize']}, vendor {body['xksProxyVendor']!r}, ekm {', '.join(states)}"
+        states = fleet_states(reply.json())
+        kind, found = health_verdict(reply.json())
+        actual = f"{actual}; {found}" if kind == outcomes.OK else found
     run.check(f"connection/health-{_slug(operation)}", f"GetHealthStatus for {operation}", ok=kind == outcomes.OK,
               expected=HEALTH_EXPECTED, actual=actual, kms=outcomes.connect(kind, operation))
     return states if kind == outcomes.OK else []
@@ -83,14 +77,7 @@ async def check_key(run: Run) -> None:
     reply = await run.api.metadata(run.settings.key_id)
     kind, actual = classify(reply, run.settings.budget_ms)
     if kind == outcomes.OK:
-        body = reply.json()
-        malformed, unusable = metadata_problems(body)
-        if malformed:
-            kind, actual = outcomes.INVALID_RESPONSE, "; ".join(malformed)
-        elif unusable:
-            kind, actual = outcomes.KEY_CONFIG, "; ".join(unusable)
-        else:
-            actual = f"{body['keySpec']}, keyUsage {body['keyUsage']}, {body['keyStatus']}"
+        kind, actual = metadata_verdict(reply.json())
     run.check("key/metadata", f"GetKeyMetadata for CreateKey ({run.settings.key_id})", ok=kind == outcomes.OK,
               expected="HTTP 200: keySpec AES_256, keyUsage with ENCRYPT and DECRYPT (at most 10 values), keyStatus ENABLED",
               actual=actual, kms=outcomes.create_key(kind))
