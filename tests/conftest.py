@@ -391,3 +391,49 @@ def cli_env(home: Home) -> Iterator[dict[str, str]]:
     env = dict(os.environ)
     env["XKS_PROXY_HOME"] = str(home.path)
     yield env
+
+
+# --- the whole chain: a local AWS KMS (xks-proxy local-kms) in front of an XKS proxy (issue 14) --------
+
+
+@pytest.fixture
+def served_proxy(home: Home) -> Iterator[Any]:
+    """`xks-proxy serve` as a subprocess on the home (HTTPS, the home's dev CA in tls/ca.pem). Vault only."""
+    from tests.support.localkms import ServedProxy, free_port
+
+    proxy = ServedProxy(home.path, free_port()).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def local_kms(tmp_path: Path) -> Iterator[Any]:
+    """A factory: local_kms(ca_bundle) starts `xks-proxy local-kms --http` on a fresh state dir."""
+    from tests.support.localkms import start_local_kms
+
+    started: list[Any] = []
+
+    def start(ca_bundle: Path | None = None) -> Any:
+        started.append(start_local_kms(tmp_path / f"kms-state-{len(started)}", ca_bundle))
+        return started[-1]
+
+    yield start
+    for kms in started:
+        kms.stop()
+
+
+@pytest.fixture
+def kms_chain(home: Home, served_proxy: Any, local_kms: Any) -> Any:
+    """boto3 → local KMS → our proxy: a CONNECTED store and a KMS key for xks key `foo` (`.client`, `.key_arn`)."""
+    from tests.support.localkms import chain, proxy_config
+
+    return chain(local_kms(served_proxy.ca), served_proxy, served_proxy.endpoint, proxy_config(home.path))
+
+
+@pytest.fixture
+def tiny_xks(tmp_path: Path) -> Iterator[Any]:
+    """tests/support/tiny_xks.py (the independent XKS proxy) over HTTPS on its own thread; CA in `.ca_path`."""
+    from tests.support.tiny_xks import TinyXks
+
+    with TinyXks(tls_dir=tmp_path / "tiny-tls").running() as tiny:
+        yield tiny
