@@ -168,6 +168,28 @@ def test_init_refuses_an_extractable_key_with_the_label(tmp_path: Path, softhsm:
     assert not (tmp_path / "home").exists()
 
 
+def test_rekey_a_file_sealed_home_to_pkcs11_with_the_pin_from_the_environment(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    assert xks(softhsm, "init", "--home", str(home), "--seal", "file").returncode == 0
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm.pin)
+    pin_file.chmod(0o600)
+    done = xks(
+        softhsm, "vault", "rekey", "--home", str(home), "--seal", "pkcs11", "--pkcs11-module", softhsm.module,
+        "--pkcs11-token", softhsm.label, "--pin-file", str(pin_file),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not (home / "master.key").exists()
+    edit_config(home, lambda raw: raw.update(seal={"pin_env": "XKS_TEST_SEAL_PIN"}))
+    done = xks(softhsm, "keys", "list", "--home", str(home))
+    assert done.returncode == 2 and done.stderr.strip().endswith("seal.pin_env: the environment variable XKS_TEST_SEAL_PIN is not set")
+    monkeypatch.setenv("XKS_TEST_SEAL_PIN", softhsm.pin)
+    done = xks(softhsm, "keys", "list", "--home", str(home))
+    assert done.returncode == 0, done.stderr
+
+
 # --- serving ----------------------------------------------------------------------------------------
 
 
