@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from typing import Any, Callable
 
 import jwt
@@ -87,6 +88,17 @@ def checked_iv(iv: bytes, source: str) -> bytes:
 
 def new_key_bytes() -> bytes:
     return os.urandom(KEY_BYTES)
+
+
+def new_plaintext_data_key(length: int) -> bytes:
+    """Random bytes a caller asked for as a data key (the local KMS's GenerateDataKey).
+
+    Unlike every other key here these bytes leave the wall on purpose: returning the plaintext
+    data key to the caller is what KMS's GenerateDataKey API does.
+    """
+    if not 1 <= length <= 1024:
+        raise ValueError("a data key is 1 to 1024 bytes")
+    return os.urandom(length)
 
 
 class DataKey:
@@ -321,7 +333,7 @@ class Keyring:
     being retired after the rotation has re-sealed the vault.
     """
 
-    __slots__ = ("_kek", "_masters", "current", "_refresh", "_refreshed_at", "seal_kind")
+    __slots__ = ("_kek", "_masters", "current", "_refresh", "_refreshed_at", "_lock", "seal_kind")
 
     def __init__(
         self, kek: "Kek | Any", current: MasterKey, others: tuple[MasterKey, ...] = (), refresh: "Any" = None, seal: str = "file"
@@ -332,6 +344,7 @@ class Keyring:
         self._masters = {m.key_id: m for m in (current, *others)}
         self._refresh = refresh
         self._refreshed_at = 0.0
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Keyring(current={self.current.key_id}, keys={len(self._masters)})"
@@ -377,18 +390,27 @@ class Keyring:
         return self.current.seal(new._material, _LINK_CONTEXT + new.key_id)
 
     def _try_refresh(self, throttle: bool = True) -> bool:
+        """Re-read the record; True if the keys held are now as new as it makes them (worth a retry).
+
+        One thread reads at a time, the others wait for it (a vault reload and a stores reload
+        meet a rotation together); a read within 0.2 s of the last one is skipped, as the keys
+        are as new as that one made them: a blob that opens under no key costs one read.
+        """
         import time
 
-        if self._refresh is None or (throttle and time.monotonic() - self._refreshed_at < 0.2):
+        if self._refresh is None:
             return False
-        self._refreshed_at = time.monotonic()
-        try:
-            current_id, wrapped, *links = self._refresh()
-            before = (self.current.key_id, set(self._masters))
-            self.adopt(current_id, wrapped, links[0] if links else None)
-        except Exception:  # an unreadable record: keep the keys held (the caller's error says the rest)
-            return False
-        return (self.current.key_id, set(self._masters)) != before
+        with self._lock:
+            if throttle and time.monotonic() - self._refreshed_at < 0.2:
+                return True
+            try:
+                current_id, wrapped, *links = self._refresh()
+                self.adopt(current_id, wrapped, links[0] if links else None)
+            except Exception:  # an unreadable record: keep the keys held (the caller's error says the rest)
+                return False
+            finally:
+                self._refreshed_at = time.monotonic()
+            return True
 
     # the MasterKey interface
 
@@ -452,7 +474,7 @@ def share_threshold(mnemonic: str) -> int:
 # --- importing key material (bring your own key) --------------------------------------------
 
 WRAPPING_KEY_SPECS: dict[str, int] = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
-WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256")
+WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1")
 
 
 class UnwrapError(ValueError):
@@ -517,8 +539,8 @@ class WrappingKey:
         """Open encrypted key material wrapped as KMS's ImportKeyMaterial expects it.
 
         RSAES_OAEP_SHA_256 / _SHA_1: RSA-OAEP (MGF1 with the same hash) of the material.
-        RSA_AES_KEY_WRAP_SHA_256: RSA-OAEP-SHA-256 of a fresh 256-bit AES key, followed by the
-        material wrapped under that key with AES key wrap with padding (RFC 5649).
+        RSA_AES_KEY_WRAP_SHA_256 / _SHA_1: RSA-OAEP (that hash) of a fresh 256-bit AES key, followed
+        by the material wrapped under that key with AES key wrap with padding (RFC 5649).
         """
         modulus = self._private.key_size // 8
         try:
@@ -526,13 +548,14 @@ class WrappingKey:
                 material = self._private.decrypt(blob, _oaep(hashes.SHA256()))
             elif algorithm == "RSAES_OAEP_SHA_1":
                 material = self._private.decrypt(blob, _oaep(hashes.SHA1()))
-            elif algorithm == "RSA_AES_KEY_WRAP_SHA_256":
+            elif algorithm in ("RSA_AES_KEY_WRAP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1"):
                 if len(blob) <= modulus:
                     raise UnwrapError(
-                        f"RSA_AES_KEY_WRAP_SHA_256 material must be the {modulus}-byte RSA-wrapped AES key "
+                        f"{algorithm} material must be the {modulus}-byte RSA-wrapped AES key "
                         "followed by the AES-wrapped key material"
                     )
-                kek = self._private.decrypt(blob[:modulus], _oaep(hashes.SHA256()))
+                digest = hashes.SHA256() if algorithm.endswith("256") else hashes.SHA1()
+                kek = self._private.decrypt(blob[:modulus], _oaep(digest))
                 if len(kek) != KEY_BYTES:
                     raise UnwrapError("the RSA-wrapped AES key must be 32 bytes (AES-256)")
                 material = aes_key_unwrap_with_padding(kek, blob[modulus:])

@@ -179,15 +179,17 @@ def verify(
     lookup_secret: Callable[[str], str | None],
     regions: frozenset[str],
     now: float | None = None,
+    service: str = SERVICE,
 ) -> Authorization:
     """Check a request's signature. `headers` maps lower-case names to all their values.
 
     `lookup_secret` returns the secret for an access key id of the store the path names, or
     None when that store has no such credential. Raises AuthenticationFailedException.
+    `service` is the credential scope's service: `kms-xks-proxy` here, `kms` for the local KMS.
     """
     auth = parse_authorization(_only(headers, "authorization"))
-    if auth.service != SERVICE:
-        raise AuthenticationFailedException(f"credential scope names service {auth.service!r}, expected {SERVICE!r}")
+    if auth.service != service:
+        raise AuthenticationFailedException(f"credential scope names service {auth.service!r}, expected {service!r}")
     if auth.region not in regions:
         raise AuthenticationFailedException(f"credential scope names region {auth.region!r}, which this store does not serve")
     if "host" not in auth.signed_headers or "x-amz-date" not in auth.signed_headers:

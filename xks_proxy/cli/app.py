@@ -17,6 +17,7 @@ import sys
 
 from keymanager.base import KeyAdminError
 from xks_proxy.cli import conformance, credentials, fleet, import_config, keys, serve, stores, unseal, vault
+from xks_proxy.cli import localkms
 from xks_proxy.cli.common import CommandError
 from xks_proxy.config import ConfigError
 from xks_proxy.errors import XksError
@@ -24,7 +25,7 @@ from xks_proxy.errors import XksError
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-GROUPS = (serve, unseal, keys, conformance, credentials, stores, import_config, vault, fleet)
+GROUPS = (serve, unseal, keys, conformance, credentials, stores, import_config, vault, fleet, localkms)
 
 
 def main(argv: list[str] | None = None) -> int:
