@@ -11,7 +11,7 @@ An observation ("kind") is one of the constants below, or a well-formed proxy er
 from __future__ import annotations
 
 from xks_proxy import kms_outcomes as table
-from xks_proxy.kms_outcomes import (  # noqa: F401  (the kinds, re-exported for the checks)
+from xks_proxy.kms_outcomes import (  # the kinds, re-exported for the checks
     ALL_UNAVAILABLE,
     HTTP_REFUSED,
     INVALID_RESPONSE,
@@ -23,6 +23,11 @@ from xks_proxy.kms_outcomes import (  # noqa: F401  (the kinds, re-exported for 
     connection_code,
 )
 from xks_proxy.conformance.results import Outcome
+
+__all__ = [
+    "ALL_UNAVAILABLE", "HTTP_REFUSED", "INVALID_RESPONSE", "KEY_CONFIG", "OK", "TIMEOUT", "TLS", "UNREACHABLE",
+    "connection_code", "connect", "create_key", "crypto", "tampering_accepted", "forged_accepted", "http_refused",
+]
 
 
 def connect(kind: str, operation: str = "ConnectCustomKeyStore") -> Outcome:
