@@ -171,6 +171,7 @@ class Fake:
     metadata: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    drop_first: bool = False  # close the connection on each operation's first attempt, answering nothing
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -183,6 +184,8 @@ class Fake:
         body = json.loads(raw)
         self.bodies.append(body)
         self.metadata.append((operation, body["requestMetadata"]))
+        if self.drop_first and self.attempts[operation] == 1 and request.transport is not None:
+            request.transport.close()
         return await self.handler(self, operation, body, self.attempts[operation])
 
     async def slowly(self) -> None:
@@ -327,6 +330,13 @@ async def test_a_retry_that_succeeds_is_a_success() -> None:
     async with fake_proxy(throttled_once) as (fake, url), client_of(url) as client:
         await client.key_metadata("k1", meta("CreateKey"))
     assert fake.attempts == {"metadata": 2}
+
+
+async def test_a_dropped_connection_is_a_network_error_and_retried() -> None:
+    async with fake_proxy(well_behaved) as (fake, url), client_of(url) as client:
+        fake.drop_first = True
+        await client.encrypt("k1", b"p" * 16, None, meta())
+    assert fake.attempts == {"encrypt": 2}
 
 
 INVALID_ENCRYPT = {
