@@ -26,6 +26,7 @@ from xks_proxy.errors import AuthenticationFailedException
 from xks_proxy.localkms import aliases, cryptoops, imports, keys, model, principals, stores
 from xks_proxy.localkms.context import Caller, Local
 from xks_proxy.localkms.errors import KmsApiError, unsupported
+from xks_proxy.localkms.xks import KmsError
 
 log = logging.getLogger("xks_proxy.localkms")
 
@@ -127,7 +128,10 @@ async def _dispatch(local: Local, request: web.Request, request_id: str, seen: d
     handler = OPERATIONS.get(name)
     if handler is None:
         raise unsupported(f"{name} is not implemented by this local KMS")
-    return await handler(local, caller, model.parse(operation, doc))
+    try:
+        return await handler(local, caller, model.parse(operation, doc))
+    except KmsError as exc:  # a proxy call failed: the exception KMS raises for it (xks_proxy.kms_outcomes)
+        raise KmsApiError(exc.name, exc.message) from None
 
 
 def app(local: Local) -> web.Application:
