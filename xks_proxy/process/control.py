@@ -74,6 +74,11 @@ class Gate:
         return {"error": "unknown request (expected op status, unseal, reset or seal)"}
 
     def status(self) -> dict[str, Any]:
+        if self.sealed and self._unsealer is None:
+            try:
+                self._record()  # the threshold, before the first share
+            except (SealError, StorageUnavailable):
+                pass
         unsealer = self._unsealer if self.sealed else None
         return {
             "sealed": self.sealed,
