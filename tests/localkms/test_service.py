@@ -9,6 +9,7 @@ stores through a proxy are the business of test_clients_e2e.py; here only what n
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -275,3 +276,117 @@ def test_state_persists_sealed_and_principals_are_added_offline(tmp_path: Path) 
             for secret in (first.secret, alice_secret):
                 assert secret.encode() not in raw, f"{path.name} holds a principal's secret in clear"
             assert data_key["Plaintext"] not in raw and b"kept across restarts" not in raw
+
+
+# --- external key stores, against the independent tiny_xks ---------------------------------------------
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Iterator[Any]:
+    from tests.support.tiny_xks import BOTH, TinyXks
+
+    with TinyXks(tls_dir=tmp_path / "tiny-tls", keys={"foo": BOTH, "bar": BOTH, "half": ("ENCRYPT",)}).running() as proxy:
+        yield proxy
+
+
+def _store_params(proxy: Any, name: str, **over: Any) -> dict[str, Any]:
+    config = proxy.proxy_config()
+    return {"CustomKeyStoreName": name, "CustomKeyStoreType": "EXTERNAL_KEY_STORE", "XksProxyConnectivity": "PUBLIC_ENDPOINT",
+            "XksProxyUriEndpoint": proxy.endpoint, "XksProxyUriPath": config["XksProxyUriPath"],
+            "XksProxyAuthenticationCredential": config["XksProxyAuthenticationCredential"], **over}  # fmt: skip
+
+
+def test_external_key_store_state_machine_and_double_encryption(tiny: Any, local_kms: Any) -> None:
+    from tests.support.localkms import store_state
+
+    kms = local_kms(tiny.ca_path)
+    client = kms.client()
+    store_id = client.create_custom_key_store(**_store_params(tiny, "s1"))["CustomKeyStoreId"]
+    assert [m["kmsOperation"] for m in tiny.seen] == ["CreateCustomKeyStore"]
+    state = store_state(client, store_id)
+    assert (state["ConnectionState"], state["CustomKeyStoreType"], "ConnectionErrorCode" in state) == ("DISCONNECTED", "EXTERNAL_KEY_STORE", False)
+    assert state["XksProxyConfiguration"] == {"Connectivity": "PUBLIC_ENDPOINT", "AccessKeyId": tiny.access_key_id,
+                                              "UriEndpoint": tiny.endpoint, "UriPath": tiny.uri_path}  # fmt: skip
+    assert error_code(lambda: client.create_custom_key_store(**_store_params(tiny, "s1"))) == "CustomKeyStoreNameInUseException"
+    assert error_code(lambda: client.create_custom_key_store(**_store_params(tiny, "s2"))) == "XksProxyUriInUseException"
+    xks = {"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store_id}
+    assert error_code(lambda: client.create_key(XksKeyId="foo", **xks)) == "CustomKeyStoreInvalidStateException"
+
+    client.connect_custom_key_store(CustomKeyStoreId=store_id)
+    assert store_state(client, store_id)["ConnectionState"] == "CONNECTED"
+    assert error_code(lambda: client.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyUriPath="/other/kms/xks/v1")) == \
+        "CustomKeyStoreInvalidStateException"  # fmt: skip
+    wrong = {"AccessKeyId": tiny.access_key_id, "RawSecretAccessKey": "W" * 43}
+    assert error_code(lambda: client.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyAuthenticationCredential=wrong)) == \
+        "XksProxyIncorrectAuthenticationCredentialException"  # fmt: skip
+
+    meta = client.create_key(XksKeyId="foo", **xks)["KeyMetadata"]
+    assert (meta["Origin"], meta["KeyState"], meta["CustomKeyStoreId"], meta["XksKeyConfiguration"]) == \
+        ("EXTERNAL_KEY_STORE", "Enabled", store_id, {"Id": "foo"})  # fmt: skip
+    created = [m for m in tiny.seen if m["operation"] == "metadata"][-1]
+    assert (created["kmsOperation"], created["awsPrincipalArn"], created["kmsKeyArn"]) == ("CreateKey", kms.principal, meta["Arn"])
+    assert error_code(lambda: client.create_key(XksKeyId="foo", **xks)) == "XksKeyAlreadyInUseException"
+    assert error_code(lambda: client.create_key(XksKeyId="nothere", **xks)) == "XksKeyNotFoundException"
+    assert error_code(lambda: client.create_key(XksKeyId="half", **xks)) == "XksKeyInvalidConfigurationException"
+
+    def via(request: Any, **_: Any) -> None:
+        request.headers["X-Local-KMS-Via-Service"] = "s3.us-east-1.amazonaws.com"
+
+    client.meta.events.register("before-sign.kms.Decrypt", via)
+    blob = client.encrypt(KeyId=meta["Arn"], Plaintext=b"double", EncryptionContext={"c": "1"})["CiphertextBlob"]
+    assert client.decrypt(CiphertextBlob=blob, EncryptionContext={"c": "1"})["Plaintext"] == b"double"
+    encrypted, decrypted = [m for m in tiny.seen if m["operation"] in ("encrypt", "decrypt")][-2:]
+    assert set(encrypted) == {"kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn", "operation"}
+    assert (encrypted["kmsOperation"], encrypted["kmsKeyArn"], encrypted["awsPrincipalArn"]) == ("Encrypt", meta["Arn"], kms.principal)
+    assert (decrypted["kmsOperation"], decrypted["kmsViaService"]) == ("Decrypt", "s3.us-east-1.amazonaws.com")
+    assert error_code(lambda: client.decrypt(CiphertextBlob=blob, EncryptionContext={"c": "2"})) == "InvalidCiphertextException"
+    tiny.disabled.add("foo")  # the proxy's half is needed to open a blob
+    assert error_code(lambda: client.decrypt(CiphertextBlob=blob, EncryptionContext={"c": "1"})) == "KMSInvalidStateException"
+    tiny.disabled.clear()
+
+    assert error_code(lambda: client.delete_custom_key_store(CustomKeyStoreId=store_id)) == "CustomKeyStoreInvalidStateException"
+    client.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    assert client.describe_key(KeyId=meta["KeyId"])["KeyMetadata"]["KeyState"] == "Unavailable"
+    assert error_code(lambda: client.encrypt(KeyId=meta["Arn"], Plaintext=b"x")) == "KMSInvalidStateException"
+    assert error_code(lambda: client.delete_custom_key_store(CustomKeyStoreId=store_id)) == "CustomKeyStoreHasCMKsException"
+
+    client.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyAuthenticationCredential=wrong, NewCustomKeyStoreName="renamed")
+    client.connect_custom_key_store(CustomKeyStoreId=store_id)
+    state = store_state(client, store_id)
+    assert (state["CustomKeyStoreName"], state["ConnectionState"], state["ConnectionErrorCode"]) == ("renamed", "FAILED", "INVALID_CREDENTIALS")
+    assert error_code(lambda: client.connect_custom_key_store(CustomKeyStoreId=store_id)) == "CustomKeyStoreInvalidStateException"
+    client.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    client.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyAuthenticationCredential=tiny.proxy_config()["XksProxyAuthenticationCredential"])
+    client.connect_custom_key_store(CustomKeyStoreId=store_id)
+    assert store_state(client, store_id)["ConnectionState"] == "CONNECTED"
+    assert client.decrypt(CiphertextBlob=blob, EncryptionContext={"c": "1"})["Plaintext"] == b"double"
+    good = tiny.proxy_config()["XksProxyAuthenticationCredential"]
+    client.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyAuthenticationCredential=good)  # tried while CONNECTED
+    health = [m["kmsOperation"] for m in tiny.seen if m["operation"] == "health"]  # tiny records only signed calls it accepts
+    assert health == ["CreateCustomKeyStore", "ConnectCustomKeyStore", "ConnectCustomKeyStore", "UpdateCustomKeyStore"]
+
+
+def test_https_by_default_and_the_passphrase_seal(tmp_path: Path) -> None:
+    import boto3
+
+    from tests.support.localkms import STARTED, spawn, wait_until
+
+    state, port = tmp_path / "state", free_port()
+    args = ["xks_proxy.cli", "local-kms", "--state", str(state), "--port", str(port), "--seal", "passphrase", "--passphrase-env", "LK_TEST_PASS"]
+    os.environ["LK_TEST_PASS"] = "a passphrase long enough"
+    try:
+        server = spawn(args, tmp_path / "https.log")
+    finally:
+        del os.environ["LK_TEST_PASS"]
+    try:
+        wait_until(lambda: "serving on" in server.text() or not server.alive(), 60, "the local KMS serving", server.shown)
+        printed = re.search(STARTED.pattern.replace("http://", "https://"), server.text())
+        assert printed is not None, server.shown()
+        client = boto3.client("kms", endpoint_url=f"https://localhost:{port}", region_name="us-east-1", verify=str(state / "tls" / "ca.pem"),
+                              aws_access_key_id=printed["akid"], aws_secret_access_key=printed["secret"])  # fmt: skip
+        assert client.list_keys()["Keys"] == []
+    finally:
+        server.stop()
+    assert json.loads((state / "seal.json").read_text())["seal"] == "passphrase" and not (state / "seal.key").exists()
+    again = subprocess.run([sys.executable, "-m", *args[:-2]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "passphrase seal needs --passphrase-env" in again.stderr
