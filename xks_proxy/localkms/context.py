@@ -6,6 +6,7 @@ functions of (Local, caller, request) so each noun's module stays free of HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ class Local:
     ca_bundle: str | None = None
     #: open XKS clients by custom key store id (closed on disconnect, update and shutdown)
     clients: dict[str, Any] = field(default_factory=dict)
+    #: one lock per custom key store: a change and its proxy call are one step for other requests
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, store_id: str) -> asyncio.Lock:
+        return self.locks.setdefault(store_id, asyncio.Lock())
 
     def key_arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account}:key/{key_id}"

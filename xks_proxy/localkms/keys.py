@@ -153,12 +153,15 @@ async def create_key(local: Local, caller: Caller, req: dict[str, Any]) -> dict[
         "id": key_id, "created": now(), "description": req.get("Description", ""), "origin": origin, "enabled": True,
         "material": None, "tags": req.get("Tags", []),
     }
-    if origin == "EXTERNAL_KEY_STORE":
-        await stores.check_xks_key(local, caller, store_id, req["XksKeyId"], local.key_arn(key_id))
-        doc.update(store_id=store_id, xks_key_id=req["XksKeyId"])
     if origin != "EXTERNAL":  # KMS's own material, or the KMS-side key of double encryption
         doc["material"] = local.new_key(material_context(key_id))
-    local.state.insert("key", key_id, doc, doc["created"])
+    if origin == "EXTERNAL_KEY_STORE":
+        doc.update(store_id=store_id, xks_key_id=req["XksKeyId"])
+        async with local.lock(store_id):  # no other key may take the same external key meanwhile
+            await stores.check_xks_key(local, caller, store_id, req["XksKeyId"], local.key_arn(key_id))
+            local.state.insert("key", key_id, doc, doc["created"])
+    else:
+        local.state.insert("key", key_id, doc, doc["created"])
     return {"KeyMetadata": metadata(local, doc)}
 
 

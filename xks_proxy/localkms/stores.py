@@ -140,6 +140,11 @@ async def describe_custom_key_stores(local: Local, caller: Caller, req: dict[str
 
 
 async def connect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
+    async with local.lock(req["CustomKeyStoreId"]):
+        return await _connect_custom_key_store(local, caller, req)
+
+
+async def _connect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if doc["state"] == "CONNECTED":
         return {}
@@ -156,6 +161,11 @@ async def connect_custom_key_store(local: Local, caller: Caller, req: dict[str, 
 
 
 async def disconnect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
+    async with local.lock(req["CustomKeyStoreId"]):
+        return await _disconnect_custom_key_store(local, caller, req)
+
+
+async def _disconnect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     doc.update(state="DISCONNECTED", error_code=None)
     local.state.put("store", doc["id"], doc)
@@ -164,6 +174,11 @@ async def disconnect_custom_key_store(local: Local, caller: Caller, req: dict[st
 
 
 async def update_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
+    async with local.lock(req["CustomKeyStoreId"]):
+        return await _update_custom_key_store(local, caller, req)
+
+
+async def _update_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if any(n in req for n in ("KeyStorePassword", "CloudHsmClusterId")):
         raise validation("KeyStorePassword and CloudHsmClusterId apply to AWS CloudHSM key stores only")
@@ -186,6 +201,11 @@ async def update_custom_key_store(local: Local, caller: Caller, req: dict[str, A
 
 
 async def delete_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
+    async with local.lock(req["CustomKeyStoreId"]):
+        return await _delete_custom_key_store(local, caller, req)
+
+
+async def _delete_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if doc["state"] != "DISCONNECTED":
         raise _invalid_state(f"Custom key store '{doc['id']}' must be disconnected before it is deleted")
