@@ -13,7 +13,7 @@ from typing import Any
 
 from keymanager.base import parse_usage
 from keymanager.crypto import DataKey, Kek, Keyring
-from keymanager.seal.home import auto_open, open_with, read_record
+from keymanager.seal.home import open_with, read_record
 from keymanager.seal.kinds import passphrase_kek
 from keymanager.vault.db import VaultDB
 from tests.support.lifecycle import cli_env
@@ -75,7 +75,9 @@ def keyring(home: Path, *, share_text: str | None = None, passphrase: str | None
         return open_with(home, dsn, record, Kek.from_shares([line for line in share_text.splitlines() if line.strip()]))
     if passphrase is not None:
         return open_with(home, dsn, record, passphrase_kek(record.params, passphrase.encode()))
-    opened = auto_open(home, dsn, record, {})
+    from xks_proxy import config as configmod
+
+    opened = configmod.load(home, shared=False).keyring  # with config.toml's [seal] settings
     assert opened is not None
     return opened
 
