@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from keymanager.crypto import Keyring
 from tests.support.sealing import (
     PASSPHRASE,
     assert_no_secrets,
@@ -21,6 +22,7 @@ from tests.support.sealing import (
     share_words,
     shares,
 )
+from xks_proxy import config as configmod
 
 KEYS = ["a", "b"]
 
@@ -78,9 +80,8 @@ def test_rekey_a_home_from_before_seals_to_shamir(tmp_path: Path) -> None:
     assert_no_secrets(home.outputs, [*share_words(tmp_path / "s"), *master_texts(ring)])
 
 
-def keyring_legacy(home: Path):  # type: ignore[no-untyped-def]
-    from xks_proxy import config as configmod
-
+def keyring_legacy(home: Path) -> Keyring:
+    """The keyring a home opens by itself (master.key, or the file seal)."""
     ring = configmod.load(home).keyring
     assert ring is not None
     return ring
@@ -128,3 +129,44 @@ def test_a_backup_restores_only_with_the_shares_of_its_day(tmp_path: Path) -> No
     assert restored.returncode == 0, restored.stderr
     open_all(loaded(tmp_path / "r2", keyring(tmp_path / "r2", share_text=shares(s2, 1, 2, 5))), "test", before)
     assert_no_secrets(out, [*share_words(s1), *share_words(s2), PASSPHRASE, *master_texts(ring)])
+
+
+def test_a_process_opened_before_a_rekey_follows_a_later_rotation(tmp_path: Path) -> None:
+    """A proxy unsealed with the old passphrase holds the old KEK: it adopts the new master key through its link."""
+    old_pass, new_pass = passphrase_file(tmp_path / "old"), passphrase_file(tmp_path / "new", "another-passphrase-of-length")
+    home = init(tmp_path / "home", "--seal", "passphrase", "--passphrase-file", str(old_pass))
+    running = keyring(home.path, passphrase=PASSPHRASE)  # as a serving process holds it
+    create_keys(home.path, running, "test", KEYS)
+    before = seal_under(loaded(home.path, running), "test", KEYS)
+    done = run(home.path, "vault", "rekey", "--seal", "passphrase", "--passphrase-file", str(new_pass),
+               "--current-passphrase-file", str(old_pass), outputs=home.outputs)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = run(home.path, "vault", "rotate-master-key", "--current-passphrase-file", str(new_pass), outputs=home.outputs)
+    assert done.returncode == 0, done.stderr
+    new_id = json.loads(done.stdout)["masterKeyId"]
+    keys = loaded(home.path, running)  # every blob is under the new key now: opened through the link
+    open_all(keys, "test", before)
+    assert running.current.key_id == new_id and all(k.versions for k in keys.values())
+    assert_no_secrets(home.outputs, [PASSPHRASE, "another-passphrase-of-length", *master_texts(running)])
+
+
+def test_backups_of_a_home_from_before_seals_restore_with_master_key_before_and_after_a_rotation(tmp_path: Path) -> None:
+    home = init(tmp_path / "home", "--seal", "file")
+    ring = keyring_legacy(home.path)
+    create_keys(home.path, ring, "test", KEYS)
+    before = seal_under(loaded(home.path, ring), "test", KEYS)
+    key_file = tmp_path / "escrowed.key"
+    key_file.write_text((home.path / "master.key").read_text())
+    out = home.outputs
+    assert run(home.path, "vault", "backup", str(tmp_path / "old.bak"), outputs=out).returncode == 0
+    done = run(home.path, "vault", "rotate-master-key", outputs=out)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((home.path / "seal.json").read_text())["seal"] == "file"
+    assert run(home.path, "vault", "backup", str(tmp_path / "new.bak"), outputs=out).returncode == 0
+    for name in ("old", "new"):  # the same key file opens both: the master key of then, the seal's key of now
+        restored = run(None, "vault", "restore", str(tmp_path / f"{name}.bak"), "--home", str(tmp_path / name),
+                       "--master-key-file", str(key_file), outputs=out)  # fmt: skip
+        assert restored.returncode == 0, restored.stderr
+        open_all(loaded(tmp_path / name, keyring_legacy(tmp_path / name)), "test", before)
+    assert (tmp_path / "new" / "seal.json").exists() and not (tmp_path / "old" / "seal.json").exists()
+    assert_no_secrets(out, [key_file.read_text().strip(), *master_texts(keyring(home.path))])
