@@ -2,13 +2,16 @@
 
 A backup holds the vault (a consistent snapshot taken with SQLite's online backup API, so it is
 safe while servers run and write), config.toml (store credentials, sealed under the master
-key) and the home's tls/ files. It is one file, AES-256-GCM encrypted as a whole under the
-master key or under a key derived from an operator passphrase with scrypt; its clear header
-says which (see `keymanager.crypto.seal_backup`). The master key itself is never in a backup:
-everything inside is sealed under it, so keep it escrowed apart from the backups.
+key), the home's tls/ files and its seal record. It is one file, AES-256-GCM encrypted as a
+whole under the master key or under a key derived from an operator passphrase with scrypt; its
+clear header says which (see `keymanager.crypto.seal_backup`). The master key itself is never in
+a backup in clear. A sealed home's backup carries its seal record in the clear header (the master
+keys in it are wrapped under the seal), so restoring asks for the shares or passphrase of the
+day it was made, not for a key file; a home from before seals restores with its master.key.
 
 Restore creates a NEW home (never overwrites one), checks that the master key opens the
-restored vault and credentials, and only then leaves the home in place.
+restored vault and credentials, and only then leaves the home in place. `rekey` and
+`rotate-master-key` live in `xks_proxy.cli.rotation` and are registered under `vault` here.
 """
 
 from __future__ import annotations
