@@ -60,9 +60,9 @@ def _state_options(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--passphrase-env", default=default, help="environment variable holding the passphrase of a passphrase seal")
 
 
-def _open(args: argparse.Namespace) -> tuple[Local, bool]:
+def _open(args: argparse.Namespace) -> Local:
+    """The state directory opened (made on first use), with region and account kept from its first start."""
     directory = home.state_dir(getattr(args, "state", None))
-    new = home.is_new(directory)
     try:
         keyring = home.open_or_create(directory, getattr(args, "seal", "file"), getattr(args, "passphrase_env", None))
     except SealError as exc:
@@ -75,11 +75,11 @@ def _open(args: argparse.Namespace) -> tuple[Local, bool]:
         raise CommandError("--account must be 12 digits")
     if not settings:
         state.insert("settings", "service", {"region": region, "account": account}, 0.0)
-    return Local(state, keyring, region, account, getattr(args, "ca_bundle", None)), new
+    return Local(state, keyring, region, account, getattr(args, "ca_bundle", None))
 
 
 def _add_principal(args: argparse.Namespace) -> int:
-    local, _ = _open(args)
+    local = _open(args)
     try:
         sys.stdout.write(principals.credentials_text(*principals.add(local, args.name)))
     except principals.PrincipalError as exc:
@@ -100,7 +100,7 @@ def _tls(directory: Path) -> ssl.SSLContext:
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    local, _ = _open(args)
+    local = _open(args)
     directory = home.state_dir(args.state)
     url = f"{'http' if args.http else 'https'}://{args.host}:{args.port}"
     first = next(iter(local.state.all("principal")), None)

@@ -26,10 +26,6 @@ def state_dir(given: str | None) -> Path:
     return Path(given or os.environ.get("XKS_PROXY_LOCAL_KMS") or DEFAULT_DIR).expanduser()
 
 
-def is_new(directory: Path) -> bool:
-    return FileRecord(directory).read() is None
-
-
 def open_or_create(directory: Path, seal: str = "file", passphrase_env: str | None = None) -> Keyring:
     """The keyring of DIR's seal, making DIR and the seal on first use. SealError if it cannot open."""
     settings = {"passphrase_env": passphrase_env} if passphrase_env else {}

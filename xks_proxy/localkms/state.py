@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
-KINDS = ("key", "alias", "store", "principal")
+KINDS = ("key", "alias", "store", "principal", "settings")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
