@@ -173,8 +173,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Bind first, then make the home and print how to call it: a failed start prints no credentials."""
+    from xks_proxy.process.hardening import no_core_dumps
     from xks_proxy.process.supervisor import serve
 
+    no_core_dumps()
     port = args.port or 8443
     host = args.host or "127.0.0.1"  # what init_home writes as server.host
     sock = _listen(host, port)

@@ -73,13 +73,15 @@ def serve(
     if config.audit.path is not None:
         audit.rotating_file(config.audit).close()  # refuse to start on an audit file that cannot be written
     sock = listen(host, port) if sock is None else sock
-    if config.seal == "file":  # once per proxy: here, before any worker forks
-        log.warning("the master key is in clear in %s (file seal): for development only (docs/sealing.md)", config.home)
     scheme = "http" if plain_http else "https"
     stores = ", ".join(s.uri_path for s in config.stores)
-    announce = partial(
-        log.info, "serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers
-    )
+
+    def announce() -> None:
+        """Once per proxy, when it serves (after every listener is bound: a refused port stays one line)."""
+        if config.seal == "file":
+            log.warning("the master key is in clear in %s (file seal): for development only (docs/sealing.md)", config.home)
+        log.info("serving %s://%s:%d for stores %s with %d worker(s)", scheme, host, sock.getsockname()[1], stores, workers)
+
     # Stop and reload signals wait (blocked) until a handler that defers them is in place: a
     # process killed inside a PKCS#11 call (a login rewrites SoftHSM's token file) can lose every key.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -173,10 +175,8 @@ class _Supervisor:
                     self.failed = True
                 return
             scheme, (host, port) = "http" if self.plain_http else "https", self.sock.getsockname()[:2]
-            log.warning(
-                "sealed (%s seal): answering 503 on %s://%s:%d until `xks-proxy unseal --home %s`",
-                self.gate.kind, scheme, host, port, self.config.home,
-            )  # fmt: skip
+            until = f"until `xks-proxy unseal --home {self.config.home}`"
+            log.warning("sealed (%s seal): answering 503 on %s://%s:%d %s", self.gate.kind, scheme, host, port, until)
         while not self.stopping and self._sealed():
             self._reap()
             if not self.stopping and self._sealed():
