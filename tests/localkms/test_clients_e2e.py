@@ -45,6 +45,15 @@ def _round_trips(c: Chain) -> None:
     assert len(c.client.decrypt(CiphertextBlob=sealed)["Plaintext"]) == 16
 
 
+def _works(c: Chain) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        return bool(_encrypt(c))
+    except ClientError:
+        return False
+
+
 def _fails_with(c: Chain, expected: str, deadline: float = 10) -> None:
     """Encrypt until it raises (the proxy sees a change within a second); then it must raise `expected`."""
     from botocore.exceptions import ClientError
@@ -141,7 +150,7 @@ def test_key_disabled_in_the_proxy(kms_chain: Chain) -> None:
     xks_cli(kms_chain.proxy.home, "keys", "disable", "foo")
     _fails_with(kms_chain, outcomes().crypto_exception("InvalidStateException", "Encrypt"))
     xks_cli(kms_chain.proxy.home, "keys", "enable", "foo")
-    wait_until(lambda: _encrypt(kms_chain), 10, "Encrypt working again after keys enable")
+    wait_until(lambda: _works(kms_chain), 10, "Encrypt working again after keys enable")
 
 
 def test_proxy_stopped(kms_chain: Chain) -> None:
@@ -221,17 +230,17 @@ def test_tiny_xks_error_paths(tiny_xks: Any, local_kms: Any) -> None:
     _encrypt(c)
 
     # Connect after the proxy changed under the store: a new secret, then a new path.
-    second = create_store(c.client, "second", tiny_xks.endpoint, tiny_xks.proxy_config())
+    def reconnect() -> tuple[str, str | None]:
+        c.client.disconnect_custom_key_store(CustomKeyStoreId=c.store_id)
+        wait_until(lambda: store_state(c.client, c.store_id)["ConnectionState"] == "DISCONNECTED", 10, "disconnect")
+        state = connect(c.client, c.store_id)
+        return state["ConnectionState"], state.get("ConnectionErrorCode")
+
     good_secret = tiny_xks.secret
     tiny_xks.secret = "B" * 43 + "rotatedAway"
-    state = connect(c.client, second)
-    assert (state["ConnectionState"], state.get("ConnectionErrorCode")) == \
-        ("FAILED", table.connection_code("AuthenticationFailedException"))  # fmt: skip
+    assert reconnect() == ("FAILED", table.connection_code("AuthenticationFailedException"))
     tiny_xks.secret, tiny_xks.prefix = good_secret, "moved"
-    c.client.disconnect_custom_key_store(CustomKeyStoreId=second)
-    wait_until(lambda: store_state(c.client, second)["ConnectionState"] == "DISCONNECTED", 10, "disconnect")
-    state = connect(c.client, second)
-    assert (state["ConnectionState"], state.get("ConnectionErrorCode")) == \
-        ("FAILED", table.connection_code("InvalidUriPathException"))  # fmt: skip
+    assert reconnect() == ("FAILED", table.connection_code("InvalidUriPathException"))
     tiny_xks.prefix = "tiny"
-    assert create_xks_key(c.client, c.store_id)  # the first store is still fine
+    assert reconnect() == ("CONNECTED", None)
+    _encrypt(c)

@@ -154,14 +154,18 @@ class TinyXks:
     # --- requests ------------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.Response:
+        try:
+            raw = await request.read()
+        except ConnectionError:  # the caller gave up
+            return web.Response(status=400)
         if self.delay:
             await asyncio.sleep(self.delay)
         try:
-            return web.json_response(await self._dispatch(request))
+            return web.json_response(await self._dispatch(request, raw))
         except XksError as exc:
             return web.json_response({"errorName": exc.name, "errorMessage": exc.message}, status=exc.status)
 
-    async def _dispatch(self, request: web.Request) -> dict[str, Any]:
+    async def _dispatch(self, request: web.Request, raw: bytes) -> dict[str, Any]:
         base = self.uri_path
         rest = request.path[len(base):] if request.path.startswith(base + "/") else None
         match = re.fullmatch(r"/health|/keys/([A-Za-z0-9._-]{1,128})/(metadata|encrypt|decrypt)", rest or "")
@@ -169,7 +173,6 @@ class TinyXks:
             raise XksError("InvalidUriPathException", "no such path")  # before any signature check
         if request.method != "POST":
             raise XksError("ValidationException", "use POST", status=405)
-        raw = await request.read()
         self._verify_signature(request, raw)
         if self.fail_with:
             raise XksError(self.fail_with, "failing on purpose")
