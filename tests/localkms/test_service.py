@@ -38,9 +38,50 @@ def kms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKms]:
     server.stop()
 
 
+def _conforms(shape: Any, value: Any, path: str) -> None:
+    """A response value has exactly the output shape's members and JSON types (botocore's parser checks neither)."""
+    kind = shape.type_name
+    if kind == "structure":
+        assert isinstance(value, dict) and set(value) <= set(shape.members), f"{path}: {sorted(set(value) - set(shape.members))}"
+        for name, item in value.items():
+            _conforms(shape.members[name], item, f"{path}.{name}")
+    elif kind == "list":
+        assert isinstance(value, list), path
+        for i, item in enumerate(value):
+            _conforms(shape.member, item, f"{path}[{i}]")
+    elif kind == "map":
+        assert isinstance(value, dict), path
+    elif kind in ("string", "blob"):
+        assert isinstance(value, str), path
+        assert not getattr(shape, "enum", None) or value in shape.enum, f"{path}: {value} is not in the model's enum"
+    elif kind == "timestamp":
+        assert isinstance(value, (int, float)), path
+    elif kind == "boolean":
+        assert isinstance(value, bool), path
+    elif kind == "integer":
+        assert isinstance(value, int), path
+
+
+#: Exceptions every AWS JSON service may answer, besides those the model lists per operation.
+COMMON_ERRORS = {"ValidationException", "SerializationException", "UnrecognizedClientException", "InvalidSignatureException",
+                 "IncompleteSignatureException", "MissingAuthenticationTokenException", "UnknownOperationException"}  # fmt: skip
+
+
+def _check_response(http_response: Any, model: Any, **_: Any) -> None:
+    """Answers as KMS gives them: the output shape on success; on failure an exception the model lists for the operation."""
+    body = json.loads(http_response.content or b"{}")
+    if http_response.status_code != 200:
+        assert body["__type"] in COMMON_ERRORS | {e.name for e in model.error_shapes}, f"{model.name} cannot raise {body['__type']}"
+    elif model.output_shape is not None:
+        _conforms(model.output_shape, body, model.name)
+
+
 @pytest.fixture(scope="module")
 def client(kms: LocalKms) -> Any:
-    return kms.client()
+    """A boto3 client whose every successful answer is checked against the model's output shape."""
+    made = kms.client()
+    made.meta.events.register("after-call.kms", _check_response)
+    return made
 
 
 def _key(client: Any, **kw: Any) -> str:
@@ -301,6 +342,7 @@ def test_external_key_store_state_machine_and_double_encryption(tiny: Any, local
 
     kms = local_kms(tiny.ca_path)
     client = kms.client()
+    client.meta.events.register("after-call.kms", _check_response)
     store_id = client.create_custom_key_store(**_store_params(tiny, "s1"))["CustomKeyStoreId"]
     assert [m["kmsOperation"] for m in tiny.seen] == ["CreateCustomKeyStore"]
     state = store_state(client, store_id)
