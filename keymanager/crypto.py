@@ -474,7 +474,9 @@ def share_threshold(mnemonic: str) -> int:
 # --- importing key material (bring your own key) --------------------------------------------
 
 WRAPPING_KEY_SPECS: dict[str, int] = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
-WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1")
+#: What the vault's BYOK offers. `WrappingKey` also unwraps RSA_AES_KEY_WRAP_SHA_1, which KMS offers
+#: too (the local KMS's GetParametersForImport, `xks_proxy/localkms/imports.py`).
+WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_256")
 
 
 class UnwrapError(ValueError):
