@@ -105,6 +105,24 @@ class FileRecord:
     def write(self, record: SealRecord) -> None:
         write_atomic(self.path, record.to_bytes())
 
+    def replace(self, expected: SealRecord | None, record: SealRecord) -> None:
+        """Write `record` only if the record is still `expected` (a rekey and a rotation never
+        overwrite each other's keys). SealError otherwise. Serialised by a lock file in the home."""
+        import fcntl
+
+        fd = os.open(self.path.with_name(".seal.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.read() != expected:
+                raise SealError(CHANGED)
+            self.write(record)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+#: The refusal when the record changed between reading and replacing it.
+CHANGED = "the seal record changed meanwhile (another rekey or rotation?); run the command again"
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` (0600) so that a crash at any instant leaves the old or the new file."""

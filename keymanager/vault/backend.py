@@ -157,6 +157,31 @@ class _DatabaseRecord:
             storage.close()
         return None if data is None else SealRecord.from_bytes(bytes(data), self.display)
 
+    def replace(self, expected: Any, record: Any, tx: Any = None) -> None:
+        """Write `record` only if the row still holds `expected` (SealError otherwise): read and
+        written under the vault's writer lock, so a rekey and a rotation never overwrite each other."""
+        import time
+
+        from keymanager.seal.record import CHANGED, SealError, SealRecord
+
+        def swap(own: Any) -> None:
+            data = own.secret(self.NAME)
+            if (None if data is None else SealRecord.from_bytes(bytes(data), self.display)) != expected:
+                raise SealError(CHANGED)
+            own.replace_secret(self.NAME, record.to_bytes(), time.time())
+
+        if tx is not None:
+            swap(tx)
+            return
+        from keymanager.vault.postgres import PostgresStorage
+
+        storage = PostgresStorage(self._dsn)
+        try:
+            with storage.write() as own:
+                swap(own)
+        finally:
+            storage.close()
+
     def write(self, record: Any, tx: Any = None) -> None:
         """Replace the record, in `tx` (a rotation's transaction) or a transaction of its own."""
         import time

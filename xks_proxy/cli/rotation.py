@@ -102,7 +102,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     masters = [keyring.master(kid) for kid in keyring.key_ids]
     new = SealRecord(seal.kind, seal.params, keyring.current.key_id, wrap_all(seal.kek, masters), dict(record.links) if record else {})
     hand_out(seal, args.share_dir)  # before the record changes: shares nobody holds would lock the vault
-    store.write(new)
+    _replace(store, record, new)
     try:
         open_keyring(store.read(), seal.kek)  # verify what was written opens, before removing anything
     except SealError as exc:
@@ -162,10 +162,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     resumed = bool(record.retiring)
     if not resumed:  # step 1
         new = MasterKey.generate()
+        started = record
         record = record.with_keys(
             new.key_id, {**record.keys, new.key_id: keyring.kek.wrap(new)}, {**record.links, new.key_id: keyring.link(new)}
         )
-        store.write(record)
+        _replace(store, started, record)
     keyring.adopt(record.current, record.keys, record.links)
     config = configmod.load(home, keyring=keyring)
     reseal = backend(config.backend).reseal
@@ -178,14 +179,14 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             counts["credentials"] = _reseal_config(home, keyring)
         final = record.with_keys(record.current, {record.current: record.keys[record.current]})
         if reseal is not None:  # step 4: a last sweep, and for a fleet the record in its transaction
-            swept = reseal(config, keyring, shared.then_write(store, final) if shared else None)
+            swept = reseal(config, keyring, shared.then_write(store, record, final) if shared else None)
             leftover = sum(v for k, v in swept.items() if k != "recordWritten")
             counts = {k: counts.get(k, 0) + swept.get(k, 0) for k in counts}
             if leftover:
                 counts["sweptAfter"] = leftover
         if shared is None:
-            store.write(final)
-    except KeyRefused as exc:
+            _replace(store, record, final)
+    except (KeyRefused, SealError) as exc:
         raise CommandError(str(exc)) from None
     keyring.adopt(final.current, final.keys, final.links)
     audit({"event": "seal", "action": "rotate-master-key", "actor": actor(), "masterKeyId": final.current, "outcome": "OK"})
@@ -204,8 +205,16 @@ def _convert_legacy(home: Path, store: Any, keyring: Keyring) -> SealRecord:
     if not same:
         raise CommandError(f"rotating needs this home's master key in {home / LEGACY_KEY_FILE} (it becomes the file seal's key)")
     record = SealRecord("file", {"file": LEGACY_KEY_FILE}, master.key_id, wrap_all(kek, [master]))
-    store.write(record)
+    _replace(store, None, record)
     return record
+
+
+def _replace(store: Any, expected: SealRecord | None, record: SealRecord) -> None:
+    """The record replaced only if it is still the one this command read (one line otherwise)."""
+    try:
+        store.replace(expected, record)
+    except SealError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def reseal_stores(stores: list[dict[str, Any]], keyring: Keyring) -> int:
@@ -255,10 +264,10 @@ class _SharedStores:
             tx.put_setting(shared_settings.STORES, shared_settings.dump(stores), time.time(), actor())
         return {"credentials": changed}
 
-    def then_write(self, store: Any, record: SealRecord) -> Any:
+    def then_write(self, store: Any, expected: SealRecord, record: SealRecord) -> Any:
         def step(tx: Any) -> dict[str, int]:
             counts = self(tx)
-            store.write(record, tx=tx)
+            store.replace(expected, record, tx=tx)
             return {**counts, "recordWritten": 1}
 
         return step

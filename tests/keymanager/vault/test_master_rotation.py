@@ -242,3 +242,24 @@ async def test_fleet_of_two_picks_up_a_rotation_without_restart(tmp_path: Path, 
     ring = keyring(home_a.path, dsn=dsn)
     logs = [p.read_text() for p in tmp_path.glob("*.log")]
     assert_no_secrets(logs + outputs, [key_text, *master_texts(ring)])
+
+
+def test_two_rotations_at_once_never_lose_a_key(tmp_path: Path) -> None:
+    """Two commands started together: the record is replaced only if unchanged, so one waits its turn or is refused."""
+    made = init(tmp_path / "home", "--seal", "file")
+    ring = configmod.load(made.path).keyring
+    assert ring is not None
+    create_keys(made.path, ring, "test", KEYS)
+    old = seal_under(loaded(made.path, ring), "test", KEYS)
+    env = cli_env(made.path)
+    command = [sys.executable, "-m", "xks_proxy.cli", "vault", "rotate-master-key"]
+    for _ in range(3):
+        procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [(p.wait(60), p.communicate()[1]) for p in procs]
+        for rc, err in results:
+            assert rc == 0 or "changed meanwhile" in err, err
+        assert_opens_under_one_key(made.path)
+    assert subprocess.run(command, env=env, capture_output=True, timeout=60).returncode == 0
+    record = read_record(made.path)
+    assert record is not None and len(record.keys) == 1
+    open_all(assert_opens_under_one_key(made.path), "test", old)
