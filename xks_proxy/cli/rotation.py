@@ -107,7 +107,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         open_keyring(store.read(), seal.kek)  # verify what was written opens, before removing anything
     except SealError as exc:
         raise CommandError(f"the new seal record does not open after writing it: {exc}") from None
-    removed = _after_rekey(home, record, seal.kind, base.vault.dsn is not None)
+    removed = _after_rekey(home, record)
     audit({"event": "seal", "action": "rekey", "actor": actor(), "seal": seal.kind, "outcome": "OK"})
     print(json.dumps({"seal": seal.kind, "masterKeys": len(masters), "record": store.display, "removed": removed}, indent=2))
     return 0
@@ -121,7 +121,7 @@ def _free_name(home: Path, name: str) -> Path:
     return path
 
 
-def _after_rekey(home: Path, old: SealRecord | None, kind: str, fleet: bool) -> list[str]:
+def _after_rekey(home: Path, old: SealRecord | None) -> list[str]:
     """What no longer guards the home: the old key file (and, from before seals, `[master_key]`)."""
     from xks_proxy.cli.home import write_config
 
@@ -136,9 +136,7 @@ def _after_rekey(home: Path, old: SealRecord | None, kind: str, fleet: bool) -> 
         old_file = str(old.params.get("file", LEGACY_KEY_FILE))
     else:
         return removed
-    if fleet and kind != "file":
-        return removed  # other proxies' homes keep theirs; this one's is removed with theirs by the operator
-    path = home / old_file
+    path = home / old_file  # this home's only: a fleet's other homes are the operator's (docs/rotation.md)
     if path.exists():
         path.unlink()
         removed.append(old_file)
