@@ -423,11 +423,18 @@ def local_kms(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def kms_chain(home: Home, served_proxy: Any, local_kms: Any) -> Any:
-    """boto3 → local KMS → our proxy: a CONNECTED store and a KMS key for xks key `foo` (`.client`, `.key_arn`)."""
-    from tests.support.localkms import chain, proxy_config
+def kms_chain(home: Home, local_kms: Any) -> Iterator[Any]:
+    """boto3 → local KMS → our proxy (served as in served_proxy): a CONNECTED store, a KMS key for xks key `foo`."""
+    from tests.support.localkms import ServedProxy, chain, free_port
 
-    return chain(local_kms(served_proxy.ca), served_proxy, served_proxy.endpoint, proxy_config(home.path))
+    proxy = ServedProxy(home.path, free_port()).spawn()  # starts while the local KMS starts
+    try:
+        kms = local_kms(proxy.ca)
+        config = {"XksProxyUriPath": f"/{home.prefix}/kms/xks/v1",
+                  "XksProxyAuthenticationCredential": {"AccessKeyId": home.access_key_id, "RawSecretAccessKey": home.secret}}
+        yield chain(kms, proxy.wait(), proxy.endpoint, config)
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture

@@ -180,9 +180,17 @@ class ServedProxy:
         return self.home / "tls" / "ca.pem"
 
     def start(self) -> "ServedProxy":
+        return self.spawn().wait()
+
+    def spawn(self) -> "ServedProxy":
+        """Start `serve` without waiting for it (`wait` does), to overlap its start with something else."""
         self.process = spawn(["xks_proxy.cli", "serve", "--home", str(self.home), "--port", str(self.port), "--workers", "1"],
                              self.home.parent / f"{self.home.name}-serve.log")  # fmt: skip
+        return self
+
+    def wait(self) -> "ServedProxy":
         process = self.process
+        assert process is not None
         wait_until(lambda: listening(self.port) or not process.alive(), 30, "xks-proxy serve listening", process.shown)
         assert process.alive(), f"serve exited:\n{process.shown()}"
         return self
