@@ -29,6 +29,7 @@ from keymanager.crypto import Keyring, ShareError
 from keymanager.seal import home as sealhome
 from keymanager.seal.kinds import Unsealer, passphrase_kek
 from keymanager.seal.record import SealError, SealRecord
+from xks_proxy import config as configmod
 from xks_proxy.config import Config
 
 log = logging.getLogger("xks_proxy.seal")
@@ -147,6 +148,16 @@ def sealed_copy(config: Config) -> Config:
         replace(store, credentials=tuple(replace(cred, secret=None) for cred in store.credentials)) for store in config.stores
     )
     return replace(config, keyring=None, stores=stores)
+
+
+def open_config(home: Path, keyring: Keyring) -> Config:
+    """config.toml (and a fleet's stores, waiting for its database) read again with the keyring an unseal opened."""
+    config = configmod.load(home, shared=False, keyring=keyring)
+    if config.vault.dsn is not None:
+        from xks_proxy.fleet.member import wait_for_stores
+
+        config = wait_for_stores(config)
+    return config
 
 
 def encode(reply: dict[str, Any]) -> bytes:

@@ -34,13 +34,12 @@ from functools import partial
 from typing import Callable, NoReturn
 
 from keymanager.base import StorageUnavailable
-from xks_proxy import config as configmod
 from xks_proxy.access import audit
 from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
-from xks_proxy.process.control import Gate, sealed_copy
+from xks_proxy.process.control import Gate, open_config, sealed_copy
 from xks_proxy.process.control_socket import ControlChannel
 from xks_proxy.process.signalpipe import SignalPipe, report_ready
 from xks_proxy.process.sockets import ListenError, listen
@@ -183,25 +182,19 @@ class _Supervisor:
                 self._wait([], None)
         if not self.stopping:
             try:
-                self.config = self._open_config()
+                assert self.gate.keyring is not None
+                self.config = open_config(self.config.home, self.gate.keyring)
             except (ConfigError, StorageUnavailable) as exc:
                 log.error("unsealed, but the configuration does not load: %s; sealed again", exc)
                 self.gate.seal()
-
-    def _open_config(self) -> Config:
-        """config.toml (and a fleet's stores) read again with the keyring the unseal opened."""
-        assert self.gate is not None and self.gate.keyring is not None
-        config = configmod.load(self.config.home, shared=False, keyring=self.gate.keyring)
-        if config.vault.dsn is not None:
-            from xks_proxy.fleet.member import wait_for_stores
-
-            config = wait_for_stores(config)
-        return config
 
     def _serving_phase(self, announce: Callable[[], object]) -> None:
         """Worker 0 alone first: its start is the one PIN attempt (a refused PIN is never tried by
         another process); the others log in only once it serves. Returns on a stop or a seal."""
         first_up = self._wait_ready(self._spawn_with_ready(0))
+        if first_up and self._sealed():  # sealed again while worker 0 started: it goes, the responder stays
+            self._retire(lambda slot: slot >= 0)
+            return
         self._retire(lambda slot: slot == SEALED)  # the sealed responder goes once a worker serves
         if not first_up:
             if not self.stopping:  # worker 0 said why in one line; nothing is retried, nothing else starts
