@@ -301,7 +301,7 @@ class _Supervisor:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
                 from xks_proxy.process import sidecar
 
-                sidecar.run(self.config, self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
+                sidecar.run(sealed_copy(self.config), self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
             else:
                 shared = replace(self.shared, admin=slot == 0)
                 asyncio.run(serve_worker(self.config, self.sock, self.plain_http, shared, up))
