@@ -6,7 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from keymanager.crypto import Keyring
+from keymanager.crypto import Keyring, MasterKey
 from tests.support.sealing import (
     PASSPHRASE,
     assert_no_secrets,
@@ -110,6 +110,11 @@ def test_a_backup_restores_only_with_the_shares_of_its_day(tmp_path: Path) -> No
     assert refused.returncode == 1 and not (tmp_path / "r0").exists()
     refused = run(None, "vault", "restore", str(backup), "--home", str(tmp_path / "r0"), outputs=out)
     assert refused.returncode == 1 and not (tmp_path / "r0").exists()
+    key_file = tmp_path / "some.key"
+    key_file.write_text(MasterKey.generate_text())
+    refused = run(None, "vault", "restore", str(backup), "--home", str(tmp_path / "r0"), "--master-key-file", str(key_file),
+                  stdin=shares(s1, 1, 2), outputs=out)  # fmt: skip
+    assert refused.returncode == 1 and "not a key file" in refused.stderr and not (tmp_path / "r0").exists()
     restored = run(None, "vault", "restore", str(backup), "--home", str(tmp_path / "r1"), stdin=shares(s1, 2, 3), outputs=out)
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["keys"] == len(KEYS)

@@ -270,6 +270,8 @@ def _open_record(record: "SealRecord", args: argparse.Namespace) -> tuple[Any, t
         return open_keyring(record, kek), (str(record.params.get("file", "master.key")), text)
     if record.kind == "pkcs11":
         raise RestoreError("restoring a backup of a pkcs11-sealed home is not supported yet")
+    if args.master_key_file is not None:
+        raise RestoreError(f"this backup opens with the {record.kind} seal's shares or passphrase of its day, not a key file")
     return open_keyring(record, open_kek(record, args.seal_passphrase_file, None)), None
 
 
