@@ -192,10 +192,15 @@ def assert_opens_under_one_key(home: Path) -> dict[tuple[str, str], Any]:
     return keys
 
 
-async def test_fleet_of_two_picks_up_a_rotation_without_restart(tmp_path: Path, pg_database: tuple[Cluster, str, str]) -> None:
+async def test_fleet_of_two_picks_up_rotations_and_a_rekey_without_restart(tmp_path: Path, pg_database: tuple[Cluster, str, str]) -> None:
+    """Two proxies from before seals; two rotations (the first makes the fleet's record), a rekey to a
+    passphrase and a third rotation, all from one home while both serve; then a proxy started after."""
     cluster, name, dsn = pg_database
     home_a = pg_home(tmp_path / "a", dsn, refresh_seconds=0.2)
     home_b = copy_home(home_a, tmp_path / "b")
+    home_c = copy_home(home_a, tmp_path / "c")  # started at the end
+    key_text = (home_a.path / "master.key").read_text().strip()
+    pfile = passphrase_file(tmp_path / "pass")
     outputs: list[str] = []
     for key in KEYS:
         rc, _, err = await acli("keys", "create", key, home=home_a.path)
@@ -210,12 +215,19 @@ async def test_fleet_of_two_picks_up_a_rotation_without_restart(tmp_path: Path, 
             via_b = Client(session, b.url, "/test/kms/xks/v1", home_a.access_key_id, home_a.secret)
             status, before = await via_a.encrypt("k0", b"k0")
             assert status == 200
+            steps = [
+                ("vault", "rotate-master-key"),
+                ("vault", "rotate-master-key"),
+                ("vault", "rekey", "--seal", "passphrase", "--passphrase-file", str(pfile)),
+                ("vault", "rotate-master-key", "--current-passphrase-file", str(pfile)),
+            ]
             with Traffic([via_a, via_b]) as traffic:  # each encrypts, the other decrypts
-                for _ in range(2):
-                    rc, out, err = await acli("vault", "rotate-master-key", home=home_a.path)
+                for step in steps:
+                    rc, out, err = await acli(*step, home=home_a.path)
                     outputs += [out, err]
                     assert rc == 0, err
-                    assert json.loads(out)["resealed"]["credentials"] == 1
+                    if step[1] == "rotate-master-key":
+                        assert json.loads(out)["resealed"]["credentials"] == 1
                 count = len(traffic.made)
                 while len(traffic.made) < count + 20:
                     await asyncio.sleep(0.05)
@@ -223,8 +235,9 @@ async def test_fleet_of_two_picks_up_a_rotation_without_restart(tmp_path: Path, 
             assert not traffic.failures, traffic.failures[:5]
             status, dec = await via_b.decrypt("k0", before)
             assert status == 200 and unb64(dec["plaintext"]) == b"k0"
-            # A proxy started after the rotation, from a copy of the home, serves the same keys.
-            c = Proxy(home=copy_home(home_a, tmp_path / "c"), port=free_port(), log=tmp_path / "c.log").start()
+            # A proxy started afterwards opens the fleet's record with the passphrase, and serves the same keys.
+            patch_config(home_c.path, seal={"passphrase_file": str(pfile)})
+            c = Proxy(home=home_c, port=free_port(), log=tmp_path / "c.log").start()
             try:
                 await c.wait_serving()
                 via_c = Client(session, c.url, "/test/kms/xks/v1", home_a.access_key_id, home_a.secret)
@@ -237,11 +250,11 @@ async def test_fleet_of_two_picks_up_a_rotation_without_restart(tmp_path: Path, 
         a.stop()
         b.stop()
     record = read_record(home_a.path, dsn)
-    assert record is not None and record.kind == "file" and len(record.keys) == 1
-    key_text = (home_a.path / "master.key").read_text().strip()  # the key file; and the master keys of every step
-    ring = keyring(home_a.path, dsn=dsn)
+    assert record is not None and record.kind == "passphrase" and len(record.keys) == 1
+    assert not (home_a.path / "master.key").exists()  # the rekey removed this home's old key file
+    ring = keyring(home_a.path, passphrase=PASSPHRASE, dsn=dsn)
     logs = [p.read_text() for p in tmp_path.glob("*.log")]
-    assert_no_secrets(logs + outputs, [key_text, *master_texts(ring)])
+    assert_no_secrets(logs + outputs, [key_text, PASSPHRASE, *master_texts(ring)])
 
 
 def test_two_rotations_at_once_never_lose_a_key(tmp_path: Path) -> None:
