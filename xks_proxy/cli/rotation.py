@@ -94,8 +94,11 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
     home, base, store, record = _base(args)
     keyring = open_home(home, base.vault.dsn, record, base.keyring, args)
-    if args.seal == "file":
-        seal = make("file", key_file=_free_name(home, "seal.key"))
+    if args.seal == "file":  # init's file seal keeps the master key in clear; a rekey makes a key file
+        try:
+            seal = make("file", key_file=_free_name(home, "seal.key"))
+        except (SealError, OSError) as exc:
+            raise CommandError(f"cannot make the file seal's key file: {exc}") from None
     else:
         seal = new_seal(args)
     assert seal is not None
