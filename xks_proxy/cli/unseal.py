@@ -43,7 +43,10 @@ def request(home: Path, message: dict[str, Any]) -> dict[str, Any]:
         sock.settimeout(REPLY_TIMEOUT)
         try:
             sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(message).encode() + b"\n")
+            except BrokenPipeError:  # refused at accept (another uid): its one line is waiting to be read
+                pass
             reply = sock.makefile("rb").readline()
         except (FileNotFoundError, ConnectionRefusedError):
             raise CommandError(f"no running proxy serves {home} (no control socket {path} answers)") from None
