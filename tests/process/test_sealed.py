@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fleet import DSN_PASSWORD, write_dsn_file
+from tests.support.postgres import Cluster, pg_cluster, pg_database  # noqa: F401  (fixtures)
 from tests.support.proxy import eventually
 from tests.support.sealed_proxy import (
     SealedHome, Served, client, corrupt, init, kill, ping, round_trip, sealed_everywhere, start, unseal_cli,
@@ -221,3 +223,29 @@ def test_no_core_dumps_of_a_serving_process(shamir_home: SealedHome, tmp_path: P
         assert served.stop() == 0
     finally:
         kill(served.proc)
+
+
+async def test_a_fleet_proxy_serves_sealed_and_unseals_from_the_database_record(
+    tmp_path: Path, pg_database: tuple[Cluster, str, str]
+) -> None:
+    """In a fleet the record is the database's row 'seal': the proxy starts sealed and the shares open it from there."""
+    _, _, dsn = pg_database
+    home = init(tmp_path / "home", "--seal", "shamir")
+    three = "".join(home.share(n) + "\n" for n in (1, 2, 3))
+    assert home.run("keys", "create", "foo", "--store", home.prefix, stdin=three).returncode == 0
+    moved = home.run("fleet", "init", "--dsn-file", str(write_dsn_file(tmp_path / "pg.dsn", dsn)), stdin=three)
+    assert moved.returncode == 0 and not (home.path / "seal.json").exists(), moved.stderr
+    served = start(home.path, tmp_path / "serve.log", workers=2)
+    try:
+        async with client(home, served) as c:
+            assert await sealed_everywhere(c)
+            status, health = await c.call("health", requestMetadata={"kmsRequestId": "1", "kmsOperation": "KmsHealthCheck"})
+            assert status == 200 and {d["healthStatus"] for d in health["ekmFleetDetails"]} == {"UNAVAILABLE"}
+            for n in (3, 4, 5):
+                done = await unseal_cli(home, home.share(n) + "\n")
+            assert (done.returncode, done.stdout) == (0, "unsealed: serving\n"), done.stderr
+            await _every_worker_serves(c, served, workers=2)
+        assert served.stop() == 0
+    finally:
+        kill(served.proc)
+    home.assert_never_shown([home.share(n) for n in range(1, 6)] + [DSN_PASSWORD], served.text)
