@@ -162,6 +162,16 @@ def test_the_control_socket_serves_its_owner_only(shamir_home: SealedHome, tmp_p
         assert "refused a connection from uid 65534" in served.text
         done = shamir_home.run("unseal", "--status")
         assert done.stdout.startswith("sealed: 0 of 3"), "the owner is still served"
+        # A stalled client holds up nobody and is answered at its deadline; an oversized request is refused.
+        with socket.socket(socket.AF_UNIX) as stalled, socket.socket(socket.AF_UNIX) as big:
+            stalled.connect(str(path))
+            stalled.sendall(b'{"op": ')
+            assert shamir_home.run("unseal", "--status").returncode == 0
+            big.connect(str(path))
+            big.sendall(b"x" * 5000)
+            for sock, why in ((stalled, "no complete request line within 2 s"), (big, "over 4096 bytes")):
+                sock.settimeout(WAIT)
+                assert why in json.loads(sock.makefile("rb").readline())["error"]
         assert served.stop() == 0
     finally:
         kill(served.proc)
