@@ -121,6 +121,19 @@ def hand_out(seal: "NewSeal", share_dir: str | None) -> None:
     print("Hand each share to a different person. Nothing in the home can unseal it.")
 
 
+def _auto_unseal(seal: "NewSeal | None", args: argparse.Namespace) -> dict[str, str]:
+    """config.toml's [seal]: how a start opens the seal without a person (containers, HSMs).
+
+    --passphrase-env at init names the variable every start reads; --pin-file of the pkcs11 seal
+    is where every start reads the token's PIN (an absolute path: the file stays where it is).
+    """
+    if seal is not None and seal.kind == "passphrase" and args.passphrase_env:
+        return {"passphrase_env": args.passphrase_env}
+    if seal is not None and seal.kind == "pkcs11" and args.pin_file:
+        return {"pin_file": str(Path(args.pin_file).expanduser().resolve())}
+    return {}
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from xks_proxy.cli.home import init_home
 
@@ -129,7 +142,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if seal is not None and args.share_dir:
         hand_out(seal, args.share_dir)  # the shares are safe before the home that needs them exists
     # --passphrase-env at init also opens the seal at every start (containers): [seal] passphrase_env.
-    auto = {"passphrase_env": args.passphrase_env} if seal is not None and seal.kind == "passphrase" and args.passphrase_env else {}
+    auto = _auto_unseal(seal, args)
     akid, secret = init_home(home, args.uri_prefix.strip("/"), args.region, args.port, seal=seal, seal_settings=auto)
     store_path = f"/{args.uri_prefix.strip('/')}/kms/xks/v1"
     print(f"Created proxy home {home}")

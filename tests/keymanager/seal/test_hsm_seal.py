@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ class Sealed:
 
 
 def init_sealed(tmp_path: Path, hsm: SoftHsm) -> Sealed:
-    """`init --seal pkcs11` as an operator runs it, then `[seal] pin_file` for `serve`; key foo in the vault."""
+    """`init --seal pkcs11` as an operator runs it (it writes `[seal] pin_file` for `serve`); key foo in the vault."""
     pin_file = tmp_path / "seal.pin"
     pin_file.write_text(hsm.pin + "\n")
     pin_file.chmod(0o600)
@@ -71,7 +72,8 @@ def init_sealed(tmp_path: Path, hsm: SoftHsm) -> Sealed:
     akid = re.search(r"access key id:\s+(\S+)", done.stdout)
     secret = re.search(r"secret access key:\s+(\S+)", done.stdout)
     assert akid and secret, done.stdout
-    edit_config(path, lambda raw: raw.update(seal={"pin_file": str(pin_file)}, metrics={"enabled": True, "port": 0}))
+    assert tomllib.loads((path / "config.toml").read_text())["seal"] == {"pin_file": str(pin_file.resolve())}
+    edit_config(path, lambda raw: raw.update(metrics={"enabled": True, "port": 0}))
     home = Home(path=path, prefix="test", access_key_id=akid[1], secret=secret[1], hsm=hsm)
     home.create_key("foo")  # in this process: opens the seal through the HSM too
     return Sealed(home, pin_file, done.stdout + done.stderr)
