@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from keymanager.base import BadRequest
-from keymanager.crypto import (
+from keymanager.crypto import MasterKey
+from keymanager.crypto_transfer import (
     WRAPPING_ALGORITHMS,
     WRAPPING_KEY_SPECS,
-    MasterKey,
     TokenError,
     TokenSigner,
     UnwrapError,

@@ -9,7 +9,8 @@ import json
 import os
 from pathlib import Path
 
-from keymanager.crypto import BACKUP_MAGIC, MasterKey
+from keymanager.crypto import MasterKey
+from keymanager.crypto_transfer import BACKUP_MAGIC
 from tests.conftest import Home, unb64
 from tests.support.lifecycle import acli, cli, cli_json, patch_config, serving
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from keymanager.base import KeyAdminError
-from keymanager.crypto import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
+from keymanager.crypto_transfer import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xks_proxy import config as configmod
 from xks_proxy.cli.common import CommandError, actor, load
 

@@ -4,7 +4,7 @@ A backup holds the vault (a consistent snapshot taken with SQLite's online backu
 safe while servers run and write), config.toml (store credentials, sealed under the master
 key), the home's tls/ files and its seal record. It is one file, AES-256-GCM encrypted as a
 whole under the master key or under a key derived from an operator passphrase with scrypt; its
-clear header says which (see `keymanager.crypto.seal_backup`). The master key itself is never in
+clear header says which (see `keymanager.crypto_transfer.seal_backup`). The master key itself is never in
 a backup in clear. A sealed home's backup carries its seal record in the clear header (the master
 keys in it are wrapped under the seal), so restoring asks for the shares or passphrase of the
 day it was made, not for a key file; a home from before seals restores with its master.key.
@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keymanager.crypto import (
+from keymanager.crypto import MasterKey
+from keymanager.crypto_transfer import (
     BACKUP_PASSPHRASE,
     BACKUP_SEALED,
     MIN_PASSPHRASE_CHARS,
     BackupError,
-    MasterKey,
     backup_kind,
     backup_record,
     open_backup,

@@ -1,7 +1,7 @@
 """Imported key material (Origin EXTERNAL), the flow of KMS's developer guide.
 
 CreateKey(Origin=EXTERNAL) makes a key PendingImport. GetParametersForImport gives a fresh RSA
-wrapping key (`keymanager.crypto.WrappingKey`: RSA_2048/3072/4096, RSAES_OAEP_SHA_1/_256,
+wrapping key (`keymanager.crypto_transfer.WrappingKey`: RSA_2048/3072/4096, RSAES_OAEP_SHA_1/_256,
 RSA_AES_KEY_WRAP_SHA_1/_256) and an import token valid 24 hours; ImportKeyMaterial unwraps the
 32-byte material straight into its sealed form and the key is usable (Enabled), until ValidTo when
 the material expires; DeleteImportedKeyMaterial makes it PendingImport again. Re-importing must
@@ -21,7 +21,7 @@ import secrets
 import uuid
 from typing import Any
 
-from keymanager.crypto import UnwrapError, WrappingKey
+from keymanager.crypto_transfer import UnwrapError, WrappingKey
 from xks_proxy.localkms import keys
 from xks_proxy.localkms.context import Caller, Local, now
 from xks_proxy.localkms.errors import KmsApiError, invalid_ciphertext, invalid_state, unsupported, validation
