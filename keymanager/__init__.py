@@ -1,5 +1,6 @@
 """Key managers: the interfaces (base.py), the backend registry (registry.py), the one wall around
-raw key material (crypto.py), and one package per backend (vault/, pkcs11/)."""
+raw key material (crypto.py, crypto_transfer.py), the seals of the master key (seal/), and one
+package per backend (vault/, pkcs11/)."""
 
 from __future__ import annotations
 
