@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from tests.support.sealing import (
     share_words,
     shares,
 )
+from keymanager.seal.home import read_record
+from tests.support.lifecycle import cli_env
 from xks_proxy import config as configmod
 
 KEYS = ["a", "b"]
@@ -146,12 +151,25 @@ def test_a_process_opened_before_a_rekey_follows_a_later_rotation(tmp_path: Path
     done = run(home.path, "vault", "rekey", "--seal", "passphrase", "--passphrase-file", str(new_pass),
                "--current-passphrase-file", str(old_pass), outputs=home.outputs)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    done = run(home.path, "vault", "rotate-master-key", "--current-passphrase-file", str(new_pass), outputs=home.outputs)
-    assert done.returncode == 0, done.stderr
-    new_id = json.loads(done.stdout)["masterKeyId"]
-    keys = loaded(home.path, running)  # every blob is under the new key now: opened through the link
-    open_all(keys, "test", before)
-    assert running.current.key_id == new_id and all(k.versions for k in keys.values())
+    rotating = subprocess.Popen(
+        [sys.executable, "-m", "xks_proxy.cli", "vault", "rotate-master-key", "--current-passphrase-file", str(new_pass)],
+        env=cli_env(home.path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    old_id, adopted = running.current.key_id, None  # as a serving process reloads the vault during the rotation
+    while rotating.poll() is None and adopted is None:
+        keys = loaded(home.path, running)
+        if running.current.key_id != old_id and all(k.versions for k in keys.values()):
+            adopted = keys  # the vault is under the new key, opened through the link while it was there
+        time.sleep(0.05)
+    out, err = rotating.communicate(timeout=90)
+    home.outputs += [out, err]
+    assert rotating.returncode == 0, err
+    assert adopted is not None, "the running process did not adopt the new key during the rotation's grace"
+    new_id = json.loads(out)["masterKeyId"]
+    open_all(adopted, "test", before)
+    assert running.current.key_id == new_id and all(k.versions for k in adopted.values())
+    final = read_record(home.path)
+    assert final is not None and final.links == {}  # the new key sealed under the old one is gone with the rotation
     assert_no_secrets(home.outputs, [PASSPHRASE, "another-passphrase-of-length", *master_texts(running)])
 
 

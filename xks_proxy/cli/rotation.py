@@ -178,7 +178,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             counts = reseal(config, keyring, shared)
         if dsn is None:  # step 3
             counts["credentials"] = _reseal_config(home, keyring)
-        final = record.with_keys(record.current, {record.current: record.keys[record.current]})
+        # The link (the new key sealed under the old) lets running proxies opened before a rekey
+        # adopt the new key; it must not outlive the rotation, or whoever holds the old key (the
+        # reason to rotate) would read the new one from the record. Give them time to reload first.
+        time.sleep(_link_grace(config))
+        final = record.with_keys(record.current, {record.current: record.keys[record.current]}, links={})
         if reseal is not None:  # step 4: a last sweep, and for a fleet the record in its transaction
             swept = reseal(config, keyring, shared.then_write(store, record, final) if shared else None)
             leftover = sum(v for k, v in swept.items() if k != "recordWritten")
@@ -193,6 +197,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     audit({"event": "seal", "action": "rotate-master-key", "actor": actor(), "masterKeyId": final.current, "outcome": "OK"})
     print(json.dumps({"masterKeyId": final.current, "retired": list(record.retiring), "resumed": resumed, "resealed": counts}, indent=2))
     return 0
+
+
+def _link_grace(config: configmod.Config) -> float:
+    """Seconds for every serving process to see step 2 (a vault reload) and adopt the new key."""
+    return 2 * config.vault.refresh_seconds + 1.0
 
 
 def _convert_legacy(home: Path, store: Any, keyring: Keyring) -> SealRecord:
