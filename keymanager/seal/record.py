@@ -8,7 +8,7 @@ retired by an interrupted or running rotation and still opens what was sealed un
 
     {"format": 1, "seal": "shamir", "params": {"threshold": 3, "shares": 5, "identifier": 1234},
      "current": "<key id>", "keys": {"<key id>": "<base64 of the wrapped master key>", ...},
-     "links": {"<key id>": "<base64 of it sealed under the key it succeeded>"}}  (after a rotation)
+     "links": {"<key id>": "<base64 of it sealed under the key it succeeded>"}}  (during a rotation)
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class SealRecord:
     keys: dict[str, bytes] = field(default_factory=dict)
     #: key id -> that key sealed under the key it succeeded (`Keyring.link`): a process opened
     #: before a rekey (another KEK) still adopts a rotation's new key through the key it holds.
+    #: Only while the rotation runs: a link kept after it would hand the new key to the old key's holder.
     links: dict[str, bytes] = field(default_factory=dict)
 
     @property
