@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     demo = sub.add_parser("demo", help="init a fresh demo home with key 'foo', print how to call it, serve")
     demo.add_argument("--home", help="where to create the demo home (default: a new temporary directory)")
+    demo.add_argument(
+        "--with-kms", action="store_true", help="also run a local AWS KMS wired to this proxy (key foo); print an aws kms encrypt line"
+    )
     _serve_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -189,6 +192,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xks_proxy.process.hardening import no_core_dumps
     from xks_proxy.process.supervisor import serve
 
+    if args.with_kms and args.http:
+        raise CommandError("--with-kms: KMS calls XKS proxies over HTTPS only; drop --http")
     no_core_dumps()
     port = args.port or 8443
     host = args.host or "127.0.0.1"  # what init_home writes as server.host
@@ -222,7 +227,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     _setup_logging(args.log_level)
-    return serve(config, host=host, port=port, plain_http=args.http, workers=args.workers, sock=sock)
+    from xks_proxy.cli import demo_kms
+
+    endpoint = f"https://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
+    kms = demo_kms.start(home, endpoint, akid, secret, home / "tls" / "ca.pem") if args.with_kms else None
+    try:
+        return serve(config, host=host, port=port, plain_http=args.http, workers=args.workers, sock=sock)
+    finally:
+        demo_kms.stop(kms)
 
 
 def _demo_home(where: str | None, port: int) -> tuple[Path, str, str]:
