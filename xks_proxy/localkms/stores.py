@@ -15,8 +15,9 @@ credential changes), which signs, times out and maps answers exactly as KMS does
 
 from __future__ import annotations
 
+import functools
 import secrets
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from xks_proxy.localkms.context import Caller, Local, now, page
 from xks_proxy.localkms.errors import KmsApiError, unsupported, validation
@@ -93,6 +94,20 @@ def _check_connectivity(req: dict[str, Any]) -> None:
         raise unsupported("VPC endpoint service connectivity is not supported by this local KMS; use PUBLIC_ENDPOINT")
 
 
+_Handler = Callable[[Local, Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _one_at_a_time(handler: _Handler) -> _Handler:
+    """A store's changes and the proxy calls they make never interleave with another on that store."""
+
+    @functools.wraps(handler)
+    async def locked(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
+        async with local.lock(req["CustomKeyStoreId"]):
+            return await handler(local, caller, req)
+
+    return locked
+
+
 async def create_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     if req.get("CustomKeyStoreType", "AWS_CLOUDHSM") != XKS:
         raise unsupported("AWS CloudHSM key stores are not supported by this local KMS; use CustomKeyStoreType EXTERNAL_KEY_STORE")
@@ -139,12 +154,8 @@ async def describe_custom_key_stores(local: Local, caller: Caller, req: dict[str
     return {"CustomKeyStores": [_describe(d) for d in shown], **more}
 
 
+@_one_at_a_time
 async def connect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
-    async with local.lock(req["CustomKeyStoreId"]):
-        return await _connect_custom_key_store(local, caller, req)
-
-
-async def _connect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if doc["state"] == "CONNECTED":
         return {}
@@ -160,12 +171,8 @@ async def _connect_custom_key_store(local: Local, caller: Caller, req: dict[str,
     return {}
 
 
+@_one_at_a_time
 async def disconnect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
-    async with local.lock(req["CustomKeyStoreId"]):
-        return await _disconnect_custom_key_store(local, caller, req)
-
-
-async def _disconnect_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     doc.update(state="DISCONNECTED", error_code=None)
     local.state.put("store", doc["id"], doc)
@@ -173,12 +180,8 @@ async def _disconnect_custom_key_store(local: Local, caller: Caller, req: dict[s
     return {}
 
 
+@_one_at_a_time
 async def update_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
-    async with local.lock(req["CustomKeyStoreId"]):
-        return await _update_custom_key_store(local, caller, req)
-
-
-async def _update_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if any(n in req for n in ("KeyStorePassword", "CloudHsmClusterId")):
         raise validation("KeyStorePassword and CloudHsmClusterId apply to AWS CloudHSM key stores only")
@@ -200,12 +203,8 @@ async def _update_custom_key_store(local: Local, caller: Caller, req: dict[str, 
     return {}
 
 
+@_one_at_a_time
 async def delete_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
-    async with local.lock(req["CustomKeyStoreId"]):
-        return await _delete_custom_key_store(local, caller, req)
-
-
-async def _delete_custom_key_store(local: Local, caller: Caller, req: dict[str, Any]) -> dict[str, Any]:
     doc = _find(local, req["CustomKeyStoreId"])
     if doc["state"] != "DISCONNECTED":
         raise _invalid_state(f"Custom key store '{doc['id']}' must be disconnected before it is deleted")
