@@ -51,4 +51,4 @@ def load(args: argparse.Namespace) -> configmod.Config:
             f"{home} is sealed ({config.seal} seal): {exc}; give this command the shares (one per line) or the passphrase "
             "on stdin or at the prompt, or act through the unsealed running proxy (keys --admin-url)"
         ) from None
-    return configmod.load(home, keyring=keyring)  # type: ignore[arg-type]
+    return configmod.load(home, keyring=keyring)

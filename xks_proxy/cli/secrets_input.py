@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from keymanager.crypto import Keyring
 from keymanager.seal.home import secret_from
 from keymanager.seal.kinds import Unsealer
 from keymanager.seal.record import SealError, SealRecord
@@ -65,7 +66,7 @@ def open_kek(record: SealRecord, file: str | None = None, env: str | None = None
             return kek
 
 
-def open_record(home: Path, dsn: str | None, record: SealRecord, seal_table: dict[str, object]) -> object:
+def open_record(home: Path, dsn: str | None, record: SealRecord, seal_table: dict[str, object]) -> Keyring:
     """The keyring of `record`: by itself if the seal opens so (file, pkcs11, a configured passphrase), else from a person."""
     from keymanager.seal.home import auto_open, open_with
 
