@@ -12,6 +12,7 @@ line there.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -24,6 +25,7 @@ from xks_proxy.errors import XksError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command a closed pipe stopped (128 + SIGPIPE)
 
 GROUPS = (serve, unseal, keys, conformance, credentials, stores, import_config, vault, fleet, localkms)
 
@@ -35,8 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "home", None) is None and args.home_first is not None:
+        args.home = args.home_first  # `xks-proxy --home H keys list` means what `keys list --home H` does
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that went away (`| head`) is seen here, not at exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say, and no traceback
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"xks-proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -55,9 +64,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xks-proxy", description="AWS KMS External Key Store proxy")
+    parser.add_argument("--version", action="version", version=f"xks-proxy {_version()}")
+    parser.add_argument("--home", dest="home_first", metavar="HOME", help="proxy home (here or after the command)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", help="proxy home directory (default: $XKS_PROXY_HOME or ~/.xks-proxy)")
     sub = parser.add_subparsers(metavar="COMMAND")
     for group in GROUPS:
         group.register(sub, common)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("xks-proxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"

@@ -46,12 +46,24 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     demo.set_defaults(func=cmd_demo)
 
 
+def _at_least_one(text: str) -> int:
+    """--workers: a whole number from 1 (0 would serve nothing while saying it serves)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default: from config)")
     parser.add_argument("--port", type=int, help="port to listen on (default: from config)")
     parser.add_argument("--http", action="store_true", help="plain HTTP, for use behind a TLS-terminating load balancer")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes sharing the port (default: one per core)"
+        "--workers", type=_at_least_one, default=os.cpu_count() or 1,
+        help="worker processes sharing the port (default: one per core)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
