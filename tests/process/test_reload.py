@@ -112,6 +112,7 @@ async def test_serve_over_mtls_and_reload_on_sighup(home: Home, tmp_path: Path) 
             proc.wait()
     text = log.read_text()
     assert "configuration reloaded" in text and "Traceback" not in text
+    assert "changed; that takes effect" not in text  # `--port 0` is the command line's, not a change of the file
     records = [json.loads(line) for line in (home.path / "audit.log").read_text().splitlines()]
     assert [r["outcome"] for r in records[:2]] == ["OK", "OK"]
     assert records[-1]["outcome"] == "AccessDeniedException" and records[-1]["deniedBy"] == "sighup-test"

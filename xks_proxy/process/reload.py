@@ -44,8 +44,13 @@ class Reloader:
         tls: TlsManager | None,
         metrics: NoMetrics,
         interval: float = 0.5,
+        overrides: Callable[[Config], Config] = lambda config: config,
     ) -> None:
-        self.config = config
+        self.config = overrides(config)
+        #: What the process set over config.toml (the port it really serves on): applied to every
+        #: reload too, so a reload does not undo it; changes are judged on the file's own values.
+        self._overrides = overrides
+        self._file_settings = _restart_only(config)
         self._apply = apply
         self._tls = tls
         self._metrics = metrics
@@ -105,7 +110,7 @@ class Reloader:
             return
         self._signature = signature
         try:
-            new = await asyncio.to_thread(configmod.load, self.config.home, True, self.config.keyring)
+            loaded = await asyncio.to_thread(configmod.load, self.config.home, True, self.config.keyring)
         except (ConfigError, OSError) as exc:
             log.error("configuration reload refused, still serving the previous configuration: %s", exc)
             self._metrics.reload("config", False)
@@ -117,10 +122,11 @@ class Reloader:
             self._waiting = True
             return
         self._waiting = False
-        old, self.config = self.config, new
-        for name, value in _restart_only(new).items():
-            if value != _restart_only(old)[name]:
+        before, self._file_settings = self._file_settings, _restart_only(loaded)
+        for name, value in self._file_settings.items():
+            if value != before[name]:
                 log.warning("config.toml: %s changed; that takes effect at the next restart", name)
+        new = self.config = self._overrides(loaded)
         self._apply(new)
         if self._tls is not None:
             self._tls.configure(new)

@@ -84,8 +84,9 @@ async def start(
     """Serve in the background on `sock` (or bind host:port). Raises ConfigError for a certificate that cannot serve."""
     host = host or config.server.host
     port = config.server.port if port is None else port
-    if sock is not None:  # a fleet names this proxy by the port it really serves on
-        config = replace(config, server=replace(config.server, port=sock.getsockname()[1]))
+    file_config = config  # the reloader judges changes of config.toml against the file's own values
+    serving_port = _keep_port(sock.getsockname()[1]) if sock is not None else _as_is
+    config = serving_port(config)  # a fleet names this proxy by the port it really serves on
     metrics = Metrics() if config.metrics.enabled else NoMetrics()
     tls: TlsManager | None = None
     if plain_http and config.tls.client_ca is not None:
@@ -98,7 +99,7 @@ async def start(
     audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
     key_manager = create_key_manager(config)
     server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
-    reloader = Reloader(config, server.apply_config, tls, metrics, reload_interval)
+    reloader = Reloader(file_config, server.apply_config, tls, metrics, reload_interval, overrides=serving_port)
     if server.fleet is not None:
         server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
@@ -130,6 +131,15 @@ async def start(
         await running.close()
         raise
     return running
+
+
+def _keep_port(port: int) -> Callable[[Config], Config]:
+    """Every configuration this worker serves names the port it really listens on (`serve --port P`)."""
+    return lambda config: replace(config, server=replace(config.server, port=port))
+
+
+def _as_is(config: Config) -> Config:
+    return config
 
 
 async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> int:
