@@ -10,7 +10,8 @@
 #                                              without draining: what to do after a proxy crashed
 #   deploy/fleet/run-local.sh stop DIR         stop all of it (the data stays in DIR)
 #
-# Environment (defaults): XKS_PROXY (xks-proxy: the command to run), XKS_HTTPS_ADDR (127.0.0.1:
+# Environment (defaults): XKS_PROXY (the command to run: xks-proxy on PATH, else the repository's
+# .venv/bin/xks-proxy beside this script, as `make install` makes it), XKS_HTTPS_ADDR (127.0.0.1:
 # the address HAProxy's HTTPS endpoint binds; 0.0.0.0 for every interface), XKS_HTTPS_PORT (8443),
 # XKS_BASE_PORT (9001: proxy k listens on BASE+k-1, plain HTTP on 127.0.0.1 only),
 # XKS_PG_PORT (55432), XKS_WORKERS (1 per proxy), XKS_PREFIX (xks), XKS_REGION (us-east-1).
@@ -22,14 +23,18 @@
 # development certificate for localhost, with its key), *.log and *.pid.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1
 dir=$(realpath -m "$2")
 shift 2
 count=${1:-2}
 here=$(cd "$(dirname "$0")" && pwd)
-read -ra xks <<< "${XKS_PROXY:-xks-proxy}"
+default_xks=xks-proxy
+if ! command -v xks-proxy >/dev/null && [ -x "$here/../../.venv/bin/xks-proxy" ]; then
+  default_xks=$(realpath "$here/../../.venv/bin/xks-proxy")
+fi
+read -ra xks <<< "${XKS_PROXY:-$default_xks}"
 https_addr=${XKS_HTTPS_ADDR:-127.0.0.1}
 https_port=${XKS_HTTPS_PORT:-8443}
 base_port=${XKS_BASE_PORT:-9001}
@@ -49,8 +54,38 @@ wait_for() {  # wait_for WHAT COMMAND...: up to 30 s
   return 1
 }
 
+need_xks() {
+  command -v "${xks[0]}" >/dev/null || {
+    echo "run-local: ${xks[0]} not found: run \`make install\` in the repository (this script then uses its .venv/bin/xks-proxy) or set XKS_PROXY" >&2
+    exit 1; }
+}
+
+need_all() {  # everything `start` runs, checked before it starts anything
+  need_xks
+  [ -x "$pg_bin/initdb" ] && [ -x "$pg_bin/pg_ctl" ] && [ -x "$pg_bin/createdb" ] || {
+    echo "run-local: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
+  command -v haproxy >/dev/null || { echo "run-local: HAProxy is not installed (apt-get install haproxy)" >&2; exit 1; }
+  command -v curl >/dev/null || { echo "run-local: curl is not installed (apt-get install curl)" >&2; exit 1; }
+}
+
+started=()   # what this `start` started: "pg" and pid files, stopped again if it fails half-way
+undo_start() {
+  local status=$?
+  [ "$status" -ne 0 ] && [ ${#started[@]} -gt 0 ] || return 0
+  echo "run-local: start failed; stopping what it started (logs: $dir/*.log)" >&2
+  for what in "${started[@]}"; do
+    if [ "$what" = pg ]; then "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -m fast -w stop >/dev/null 2>&1 || true
+    else stop_pidfile "$what"; fi
+  done
+}
+
+pg_start() {
+  "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
+    -o "-h 127.0.0.1 -p $pg_port -k $dir/pg/sock" start >/dev/null
+  started=(pg "${started[@]}")
+}
+
 start_postgres() {
-  [ -x "$pg_bin/initdb" ] || { echo "run-local: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
   if [ ! -d "$dir/pg/data" ]; then
     mkdir -p "$dir/pg/sock"
     local password pwfile
@@ -66,12 +101,10 @@ start_postgres() {
       --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 >"$dir/pg/initdb.log"
     rm -f "$pwfile"
     (umask 077; printf 'postgresql://xks:%s@127.0.0.1:%s/xks\n' "$password" "$pg_port" > "$dir/pg.dsn")
-    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
-      -o "-h 127.0.0.1 -p $pg_port -k $dir/pg/sock" start >/dev/null
+    pg_start
     PGPASSWORD=$password "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U xks xks
   else
-    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
-      -o "-h 127.0.0.1 -p $pg_port -k $dir/pg/sock" start >/dev/null
+    pg_start
   fi
 }
 
@@ -93,6 +126,7 @@ start_proxy() {  # start_proxy K
   setsid "${xks[@]}" serve --home "$dir/home-$1" --http --host 127.0.0.1 --port "$((base_port + $1 - 1))" \
     --workers "$workers" >>"$dir/proxy-$1.log" 2>&1 < /dev/null &
   echo $! > "$dir/proxy-$1.pid"
+  started=("$dir/proxy-$1.pid" "${started[@]}")
 }
 
 start_proxies() {
@@ -116,7 +150,6 @@ roll_proxy() {  # roll_proxy K: the rolling-upgrade step for one proxy (docs/fle
 }
 
 start_haproxy() {
-  command -v haproxy >/dev/null || { echo "run-local: HAProxy is not installed (apt-get install haproxy)" >&2; exit 1; }
   cp "$here/../haproxy.cfg" "$dir/haproxy.cfg"
   local upstreams=()
   for k in $(seq 1 "$count"); do
@@ -126,6 +159,7 @@ start_haproxy() {
   env XKS_TLS_PEM="$dir/haproxy.pem" XKS_HTTPS_ADDR="$https_addr" XKS_HTTPS_PORT="$https_port" "${upstreams[@]}" \
     setsid haproxy -W -db -f "$dir/haproxy.cfg" >>"$dir/haproxy.log" 2>&1 < /dev/null &
   echo $! > "$dir/haproxy.pid"
+  started=("$dir/haproxy.pid" "${started[@]}")
   local probe=$https_addr       # the development certificate names localhost: connect to the address
   case $probe in 0.0.0.0) probe=127.0.0.1 ;; ::) probe=::1 ;; esac
   wait_for "haproxy" curl -sf --cacert "$dir/home-1/tls/ca.pem" --resolve "localhost:$https_port:$probe" \
@@ -145,11 +179,14 @@ stop_pidfile() {  # TERM the process group, wait up to 15 s
 case $action in
   start)
     [ "$count" -ge 2 ] || { echo "run-local: a fleet has at least 2 proxies" >&2; exit 2; }
+    need_all
     mkdir -p -m 700 "$dir"
+    trap undo_start EXIT
     start_postgres
     make_homes
     start_proxies
     start_haproxy
+    started=()
     cat <<EOF
 Fleet of $count proxies running under $dir
   endpoint:   https://localhost:$https_port/$prefix/kms/xks/v1   (CA: $dir/home-1/tls/ca.pem)
@@ -162,6 +199,7 @@ Fleet of $count proxies running under $dir
 EOF
     ;;
   roll)
+    need_xks
     proxies=("$@")
     if [ ${#proxies[@]} -eq 0 ]; then
       for home in "$dir"/home-*/; do home=${home%/}; proxies+=("${home##*-}"); done  # not home-1.init.txt
@@ -170,6 +208,7 @@ EOF
     ;;
   restart)
     [ $# -ge 1 ] || usage
+    need_xks
     for k in "$@"; do stop_pidfile "$dir/proxy-$k.pid"; start_proxy "$k"; done
     for k in "$@"; do wait_for "proxy $k" curl -sf "http://127.0.0.1:$((base_port + k - 1))/ping"; done
     ;;
