@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
+from keymanager.base import iso_time
 from xks_proxy.cli.common import CommandError, load
 from xks_proxy.cli.editing import audit_change, editing, store_index, uri_path
 from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
@@ -46,7 +48,8 @@ def cmd_credentials_add(args: argparse.Namespace) -> int:
         if akid in _all_access_key_ids(config):
             raise CommandError(f"--access-key-id: {akid} is already a credential of a key store")
         i = store_index(config, raw, args.store)
-        raw["stores"][i]["credentials"].append(sealed_credential(config.master_key, akid, secret))
+        created = {"created_at": iso_time(time.time())}  # its age is a metric (docs/operations.md)
+        raw["stores"][i]["credentials"].append({**sealed_credential(config.master_key, akid, secret), **created})
         path = uri_path(raw["stores"][i]["prefix"])
     audit_change(config, "credentials-add", store=path, accessKeyId=akid, generated=not secret_given)
     print(f"Added credential {akid} to key store {path}")

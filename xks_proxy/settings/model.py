@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # the backends' own section types: named here, never imported
 class Credential:
     access_key_id: str
     secret: str | None = field(repr=False)  # None while the home is sealed: nothing verifies
+    #: When it was made (POSIX seconds): its age is a metric, as KMS's XksProxyCredentialAge.
+    #: None for a credential made before it was recorded.
+    created_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

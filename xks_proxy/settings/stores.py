@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from keymanager.crypto import Keyring
@@ -150,8 +151,9 @@ def _credentials(raw: Any, where: str, master_key: Keyring | None, seen: set[str
             raise ConfigError(f"{here}.access_key_id: {akid} is used by another credential")
         seen.add(akid)
         sealed = get(table, f"{here}.secret_access_key_sealed", "secret_access_key_sealed", str, None)
+        created = created_at(table, here)
         if master_key is None:  # sealed home: the secret stays sealed, nothing can verify with it
-            creds.append(Credential(access_key_id=akid, secret=None))
+            creds.append(Credential(access_key_id=akid, secret=None, created_at=created))
             continue
         try:
             secret = master_key.unseal_text(sealed, credential_context(akid))
@@ -159,5 +161,21 @@ def _credentials(raw: Any, where: str, master_key: Keyring | None, seen: set[str
             raise ConfigError(f"{here}.secret_access_key_sealed: {exc}") from None
         if not SECRET_RE.match(secret):
             raise ConfigError(f"{here}.secret_access_key_sealed: the secret must be 43-64 characters of [a-zA-Z0-9/+=]")
-        creds.append(Credential(access_key_id=akid, secret=secret))
+        creds.append(Credential(access_key_id=akid, secret=secret, created_at=created))
     return tuple(creds)
+
+
+def created_at(table: dict[str, Any], where: str) -> float | None:
+    """A credential's `created_at` (ISO 8601 with its offset, as `credentials add` writes it), or None if absent."""
+    text = table.get("created_at")
+    if text is None:
+        return None
+    when = None
+    if isinstance(text, str):
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+    if when is None or when.tzinfo is None:
+        raise ConfigError(f"{where}.created_at: must be a date and time with its offset, like 2026-01-31T12:00:00Z")
+    return when.timestamp()
