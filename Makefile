@@ -1,5 +1,6 @@
 # The two commands of the quick start, and the pieces they need.
-#   make demo   set up and run the proxy on a fresh demo home (local vault, store "demo", key "foo")
+#   make demo   set up and run the proxy on a fresh demo home (local vault, store "demo", key "foo"),
+#               ~/.local/state/xks-proxy/demo (or $XDG_STATE_HOME/xks-proxy/demo), replaced by the next demo
 #   make test   run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

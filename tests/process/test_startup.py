@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.support.localkms import Process, free_port, wait_until
 from tests.support.proxy import WORKTREE, cli
 
 FOREIGN_ADDRESS = "192.0.2.1"
@@ -46,7 +48,7 @@ def foreign_address() -> str:
 def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
     """The real CLI with its own TMPDIR, so a demo home it leaves behind would show there."""
     (tmp / "tmp").mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(WORKTREE), TMPDIR=str(tmp / "tmp"), XKS_PROXY_HOME=str(tmp / "home"))
+    env = dict(os.environ, PYTHONPATH=str(WORKTREE), TMPDIR=str(tmp / "tmp"), XKS_PROXY_HOME=str(tmp / "home"), XDG_STATE_HOME=str(tmp / "state"))
     return subprocess.run(
         [sys.executable, "-m", "xks_proxy.cli", *args], capture_output=True, text=True, env=env, timeout=60
     )
@@ -81,6 +83,7 @@ def test_demo_on_a_port_in_use_prints_no_credentials_and_leaves_no_home(tmp_path
     result = _run(["demo", "--port", str(port_in_use), *(["--http"] if http else [])], tmp_path)
     _assert_one_line_failure(result, f"127.0.0.1:{port_in_use}", WHY_IN_USE)
     assert list((tmp_path / "tmp").iterdir()) == [], "no half-made demo home in TMPDIR"
+    assert not (tmp_path / "state" / "xks-proxy" / "demo").exists(), "nor at the default demo home"
 
 
 @pytest.mark.parametrize("http", [False, True], ids=["https", "http"])
@@ -103,3 +106,48 @@ def test_serve_with_its_metrics_port_in_use(tmp_path: Path, port_in_use: int, wo
     assert "Traceback" not in result.stderr and "serving" not in result.stderr, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port_in_use}: {WHY_IN_USE}" in lines[0], result.stderr
+
+
+def _start_demo(tmp: Path, name: str) -> Process:
+    """`xks-proxy demo` as `make demo` runs it (the venv's executable), its default home under tmp's XDG_STATE_HOME."""
+    env = dict(os.environ, PYTHONPATH=str(WORKTREE), TMPDIR=str(tmp / "tmp"), XDG_STATE_HOME=str(tmp / "state"))
+    env.pop("XKS_PROXY_HOME", None)
+    (tmp / "tmp").mkdir(exist_ok=True)
+    argv = [str(Path(sys.executable).with_name("xks-proxy")), "demo", "--http", "--port", str(free_port()), "--workers", "1"]
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        return Process(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT), log)
+
+
+def _printed(demo: Process, label: str) -> str:
+    """The value the running demo printed after `label`, once it is serving."""
+    found = wait_until(lambda: re.search(rf"{re.escape(label)}\s*(.+)", demo.text()) or not demo.alive(), 60, label, demo.shown)
+    assert demo.alive() and isinstance(found, re.Match), demo.shown()
+    return found[1].strip()
+
+
+def test_demo_replaces_its_one_default_home_and_prints_commands_a_new_shell_can_run(tmp_path: Path) -> None:
+    first = _start_demo(tmp_path, "first")
+    try:
+        home = Path(_printed(first, "xks-proxy demo home:").split("  (")[0])
+        first_key = _printed(first, "access key id:")
+    finally:
+        first.stop()
+    assert home == tmp_path / "state" / "xks-proxy" / "demo"
+    (home / "left-from-the-first-run").touch()
+
+    second = _start_demo(tmp_path, "second")
+    try:
+        other = _printed(second, "(other commands:").removesuffix(")")
+        assert _printed(second, "access key id:") != first_key, "a new home, with a new credential"
+        assert not (home / "left-from-the-first-run").exists(), "the first run's home was replaced"
+        third = _start_demo(tmp_path, "third")  # the default home is in use: refused, nothing printed
+        assert third.proc.wait(timeout=60) == 1
+        assert third.text().strip() == f"xks-proxy: another demo is running on {home}; give this one its own --home"
+        new_shell = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+        listed = subprocess.run(["bash", "-c", other], env=new_shell, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "foo" in listed.stdout, f"{other!r}: {listed.stderr}"
+    finally:
+        second.stop()
+    assert sorted(p.name for p in home.parent.iterdir()) == ["demo", "demo.lock"], "one demo home"
+    assert list((tmp_path / "tmp").iterdir()) == [], "nothing in TMPDIR"

@@ -201,6 +201,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Bind first, then make the home and print how to call it: a failed start prints no credentials."""
+    import shlex
+    import sys
+
     from xks_proxy.process.hardening import no_core_dumps
     from xks_proxy.process.supervisor import serve
 
@@ -217,10 +220,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise
     config = configmod.load(home)
     scheme = "http" if args.http else "https"
+    me = Path(sys.argv[0])  # the xks-proxy running, as an absolute path: a new shell has no .venv/bin on PATH
+    sibling = Path(sys.executable).with_name("xks-proxy")
+    command = str(me.absolute()) if me.name == "xks-proxy" else str(sibling) if sibling.is_file() else f"{sys.executable} -m xks_proxy.cli"
     print(
         "\n".join(
             [
-                f"xks-proxy demo home: {home}",
+                f"xks-proxy demo home: {home}" + ("" if args.home else "  (a demo: the next `demo` replaces it)"),
                 f"  endpoint:           {scheme}://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}",
                 "  URI path:           /demo/kms/xks/v1",
                 f"  access key id:      {akid}",
@@ -233,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "-H 'Content-Type: application/json' "
                 """-d '{"requestMetadata":{"kmsRequestId":"1","kmsOperation":"CreateKey","awsPrincipalArn":"me"}}' """
                 f"{scheme}://localhost:{port}/demo/kms/xks/v1/keys/foo/metadata",
-                f"  (other commands: xks-proxy keys list --home {home})",
+                f"  (other commands: {command} keys list --home {shlex.quote(str(home))})",
             ]
         ),
         flush=True,
@@ -250,12 +256,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_home(where: str | None, port: int) -> tuple[Path, str, str]:
-    """A new home with key 'foo': (home, access key id, secret). Removed again if making it fails."""
+    """A new home with key 'foo': (home, access key id, secret). Removed again if making it fails.
+
+    Without --home it is one fixed place per user, $XDG_STATE_HOME/xks-proxy/demo (default
+    ~/.local/state/xks-proxy/demo), replaced by the next `demo`: a demo's keys are throwaway, and
+    a new temporary directory per run piled up in /tmp. Kept after exit, not removed, so the
+    printed commands (keys list, the curl line's CA) still work while a person looks at it. A
+    lock held until this process exits keeps a second default demo from replacing a running one.
+    """
+    import fcntl
+
     from keymanager.base import parse_usage
     from xks_proxy.cli.home import init_home
 
-    home = Path(where).resolve() if where else Path(tempfile.mkdtemp(prefix="xks-demo-"))
-    existed = where is not None and home.exists()
+    if where:
+        home = Path(where).resolve()
+        existed = home.exists()
+    else:
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "xks-proxy"
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(state / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)  # left open: held until exit
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise CommandError(f"another demo is running on {state / 'demo'}; give this one its own --home") from None
+        home, existed = state / "demo", False
+        shutil.rmtree(home, ignore_errors=True)
     try:
         akid, secret = init_home(home, "demo", "us-east-1", port)
         db = vault_admin(configmod.load(home))
