@@ -1,5 +1,7 @@
 """`xks-proxy demo --with-kms`: the `aws kms encrypt` line it prints works as printed (run by bash).
 
+The local KMS principal's secret shows only in those printed lines: in no file under the demo home.
+
 The demo serves our proxy, starts the local KMS beside it, connects a custom key store to the
 demo store and creates a KMS key for xks key `foo`; the printed lines go aws CLI → local KMS →
 proxy → vault and back. Stopping the demo stops the local KMS too.
@@ -51,6 +53,7 @@ def test_demo_with_kms_prints_an_aws_line_that_works(tmp_path: Path) -> None:
         assert decrypt is not None, shown()
         back = subprocess.run(["bash", "-c", decrypt], capture_output=True, text=True, timeout=60, env=_clean_env(), cwd=tmp_path)
         assert back.returncode == 0 and back.stdout == "hello\n", f"the printed decrypt line failed: {redact(back.stderr[-2000:])}"
+        _assert_secret_only_on_the_terminal(encrypt, tmp_path / "home", log)
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGTERM)
@@ -72,3 +75,13 @@ def _closed(port: int) -> bool:
         return True
     except AssertionError:
         return False
+
+
+def _assert_secret_only_on_the_terminal(encrypt: str, home: Path, log: Path) -> None:
+    """The local KMS principal's secret: in the printed aws lines, in no file under the demo home."""
+    secret = re.search(r"AWS_SECRET_ACCESS_KEY=(\S+)", encrypt)[1].encode()  # type: ignore[index]
+    files = [path for path in home.rglob("*") if path.is_file()]
+    assert files and not [path for path in files if secret in path.read_bytes()], "the secret is in a file under the home"
+    shown = log.read_bytes()
+    assert b"aws_secret_access_key" not in shown, "the local KMS's own secret line is not passed on"
+    assert shown.count(secret) == sum(line.count(secret) for line in shown.splitlines() if b" kms " in line), "only in the aws lines"

@@ -6,6 +6,9 @@ with its state in the demo home, waits until the proxy and the local KMS answer,
 connects a custom key store for the demo store and a KMS key for xks key `foo`, prints an
 `aws kms encrypt` line that works as printed, and stays until it is stopped, stopping the local
 KMS with it. The demo store's credential reaches it in its environment, never in its argv.
+The local KMS's first-start output holds its principal's secret: it is read through a pipe and
+kept in memory only; what the child prints is passed on to stderr without the secret line, and
+the secret reaches the terminal once, in the printed `aws` line (a demo prints its credentials).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +33,7 @@ _STARTED = re.compile(
     r"\s*aws_access_key_id = (?P<akid>\S+)\s*\n\s*aws_secret_access_key = (?P<secret>\S+)"
 )
 _READY = "local KMS serving on"
+_SECRET_LINE = re.compile(r"aws_secret_access_key")
 DEADLINE = 60.0
 
 
@@ -50,16 +55,34 @@ def stop(child: subprocess.Popen[bytes] | None) -> None:
         child.kill()
 
 
-def _wait(check, what: str, kms: subprocess.Popen[bytes], log: Path):  # type: ignore[no-untyped-def]
+class _Output:
+    """The local KMS's stdout, read through a pipe: kept in memory, passed on to stderr without secret lines."""
+
+    def __init__(self, kms: subprocess.Popen[bytes]) -> None:
+        self.text = ""
+        self._reader = threading.Thread(target=self._read, args=(kms,), daemon=True)
+        self._reader.start()
+
+    def _read(self, kms: subprocess.Popen[bytes]) -> None:
+        assert kms.stdout is not None
+        for raw in kms.stdout:
+            line = raw.decode(errors="replace")
+            self.text += line
+            if not _SECRET_LINE.search(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
+def _wait(check, what: str, kms: subprocess.Popen[bytes]):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         if kms.poll() is not None:
-            raise SystemExit(f"xks-proxy demo: the local KMS exited ({kms.returncode}); see {log}")
+            raise SystemExit(f"xks-proxy demo: the local KMS exited ({kms.returncode}); its output is above")
         time.sleep(0.1)
-    raise SystemExit(f"xks-proxy demo: {what} did not happen within {DEADLINE:.0f} s; see {log}")
+    raise SystemExit(f"xks-proxy demo: {what} did not happen within {DEADLINE:.0f} s; the local KMS's output is above")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -82,20 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = home / "local-kms.log"
     command = [sys.executable, "-m", "xks_proxy.cli", "local-kms", "--state", str(home / "local-kms"), "--port", str(port), "--http"]
     if args.ca_bundle:
         command += ["--ca-bundle", args.ca_bundle]
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the local KMS's credentials
     env = {k: v for k, v in os.environ.items() if k not in (_ENV_AKID, _ENV_SECRET)}
-    kms = subprocess.Popen(command, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    os.close(fd)
+    kms = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    output = _Output(kms)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        started = _wait(lambda: _STARTED.search(log.read_text(errors="replace")), "the local KMS start", kms, log)
-        _wait(lambda: _READY in log.read_text(errors="replace") and _reachable("127.0.0.1", port), "the local KMS serving", kms, log)
+        started = _wait(lambda: _STARTED.search(output.text), "the local KMS start", kms)
+        _wait(lambda: _READY in output.text and _reachable("127.0.0.1", port), "the local KMS serving", kms)
         proxy = urlsplit(args.endpoint)
-        _wait(lambda: _reachable(proxy.hostname or "localhost", proxy.port or 443), "the demo proxy listening", kms, log)
+        _wait(lambda: _reachable(proxy.hostname or "localhost", proxy.port or 443), "the demo proxy listening", kms)
         try:
             arn = _wire(args, started)
         except Exception as exc:  # a botocore error names the KMS error; never a credential
