@@ -104,6 +104,7 @@ async def run(host: str, port: int, requests: list[bytes], rate: float, duration
         "offered_rps": rate,
         "achieved_rps": round(len(latencies) / elapsed, 1),
         "requests": total,
+        "elapsed_s": round(elapsed, 3),
         "completed": len(latencies),
         "errors": sum(c.errors for c in conns) + (total - len(latencies)),
         "p50_ms": round(percentile(latencies, 50) * 1000, 3),

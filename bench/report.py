@@ -1,0 +1,107 @@
+"""The markdown tables of a run (bench/results/table.md), ready to paste into README."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMES = {"encrypt": "Encrypt", "decrypt": "Decrypt", "metadata": "GetKeyMetadata"}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def _row(label: str, r: dict[str, Any], base: dict[str, Any] | str | None) -> str:
+    """One wrk cell; `base` is the baseline cell it is compared with, or the ratio already computed."""
+    ratio = base if isinstance(base, str) else _ratio(r["rps"], base["rps"]) if base else "1.00"
+    return (f"| {label} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']} | "
+            f"{r['rss_mb_worker_peak']:.0f} | {r['server_cpu_percent']:.0f} | {r['wrk_cpu_percent']:.0f} |")  # fmt: skip
+
+
+HEAD = ("| cell | req/s | vs baseline | p50 ms | p99 ms | p99.9 ms | errors | worker RSS MB | server CPU % | wrk CPU % |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+
+
+def _ratio_of(r: dict[str, Any]) -> str:
+    return f"{r['ratio']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if "ratio" in r else "1.00"
+
+
+def headline(h: dict[str, Any]) -> list[str]:
+    rounds = len(h["baseline encrypt"]["rounds_rps"])
+    lines = ["### Headline: one worker on core 0, wrk -t1 -c32 on core 1, 256 B plaintext + 64 B AAD, plain HTTP, default logging and audit", "",
+             f"Medians of {rounds} interleaved rounds; vs baseline is the median of the rounds' ratios [min-max].", "", HEAD]  # fmt: skip
+    for name, r in h.items():
+        kind, op = name.split()
+        label = "baseline (minimal aiohttp)" if kind == "baseline" else {"pkcs11": "SoftHSMv2"}.get(kind, kind)
+        lines.append(_row(f"{label}, {NAMES[op]}", r, _ratio_of(r)))
+    base = ", ".join(f"{v:.0f}" for v in h["baseline encrypt"]["rounds_rps"])
+    lines += ["", f"Noise: the baseline's Encrypt rounds gave {base} req/s."]
+    if "pkcs11 encrypt" in h:
+        ratio = _ratio(h["pkcs11 encrypt"]["rps"], h["vault encrypt"]["rps"])
+        lines.append(f"SoftHSMv2 / vault, Encrypt at one worker (medians): {ratio}.")
+    return lines
+
+
+def openloop(o: dict[str, Any]) -> list[str]:
+    lines = ["### Open loop: Encrypt offered at a fixed rate (bench/loadgen.py, 64 connections), one worker on core 0, generator on core 1", "",
+             "Medians over the rounds; each round's p99 in the last column.", "",
+             "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | server CPU % | generator CPU % | p99 per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in o.items():
+        lines.append(f"| {name} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['p999_ms']:.2f} | {r['max_ms']:.2f} | {r['errors']} | {r['server_cpu_percent']:.0f} | {r['loadgen_cpu_percent']:.0f} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['rounds_p99_ms'])} |")  # fmt: skip
+    return lines
+
+
+def scaling(s: dict[str, Any]) -> list[str]:
+    lines = ["### How cost grows: vault, Encrypt; one pinned worker (each cell right after the pinned baseline) unless unpinned", "",
+             "The 256 B cell is the reference: compare the other cells' ratios with its ratio.", "", HEAD]  # fmt: skip
+    for label, r in s.items():
+        if not label.startswith("baseline before"):
+            lines.append(_row(label, r, _ratio_of(r)))
+    return lines
+
+
+def memory(m: dict[str, Any]) -> list[str]:
+    return ["### Memory", "",
+            f"1,000 idle TLS connections (handshake + one GetHealthStatus each, then kept alive) against one TLS worker: "
+            f"{m['connections_opened']} opened ({m['health_answered_200']} answered 200) in {m['seconds_to_open']} s; "
+            f"worker RSS {m['rss_mb_before']:.1f} MB before, {m['rss_mb_with_idle']:.1f} MB with them open, "
+            f"**+{m['rss_mb_added']:.1f} MB**."]  # fmt: skip
+
+
+def localkms(k: dict[str, Any]) -> list[str]:
+    lines = ["### Local KMS: Encrypt through `xks-proxy local-kms` (HTTP) and the proxy (TLS, one worker), nothing pinned", "",
+             "| cell | req/s | p50 ms | p99 ms | p99.9 ms | errors | proxy CPU % | local KMS CPU % | wrk CPU % |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, r in k.items():
+        if isinstance(r, dict):
+            lines.append(f"| {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']} | "
+                         f"{r['server_cpu_percent']:.0f} | {r.get('local_kms_cpu_percent', 0):.0f} | {r['wrk_cpu_percent']:.0f} |")  # fmt: skip
+    lines += ["", f"Added latency per call (p50 with one connection, local KMS + proxy minus proxy alone): **{k['added_p50_ms_per_call']:.2f} ms**."]
+    return lines
+
+
+def profile(p: dict[str, Any]) -> list[str]:
+    if "percent" not in p:
+        return ["### Profile", "", p.get("error", "no profile")]
+    under, without = p["encrypt_under_profiler"]["rps"], p["encrypt_without_profiler"]["rps"]
+    lines = ["### Profile: one worker under the headline Encrypt load (py-spy, non-blocking, 250 Hz)", "",
+             f"{p['samples']} samples; throughput {without:.0f} req/s without the profiler, {under:.0f} with it.", "",
+             "| category | share of the worker's samples |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.1f}% |" for k, v in p["percent"].items()]
+    lines += ["", "Largest leaves in \"other\": " + "; ".join(f"{k} {v:.1f}%" for k, v in p["other_top_leaves_percent"].items())]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    m, s = results["machine"], results["settings"]
+    out = [f"Measured {results['started']} on {m['cpus']} cores ({m['processor']}), Python {m['python']}; "
+           f"{s['duration']} s per headline and profile cell, {s['openloop_duration']} s per open-loop cell, "
+           f"{s['scaling_duration']} s per scaling and local KMS cell. "
+           "Other work shared the machine: compare ratios within this run, not absolute numbers across runs.", ""]  # fmt: skip
+    for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile"):
+        if part in results["parts"]:
+            out += globals()[part](results["parts"][part]) + [""]
+    return "\n".join(out)
