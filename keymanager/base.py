@@ -175,9 +175,20 @@ def iso_time(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+#: `extra=` of a log record that every process of a proxy would write alike (a reload, a vault
+#: change): a proxy with several workers lets only its first worker write it (process/logsink.py).
+PROXY_WIDE: dict[str, bool] = {"proxy_wide": True}
+
+
+def iso_ms(timestamp: float) -> str:
+    """UTC, ISO 8601, milliseconds: the one time format of every log line and audit record."""
+    whole = int(timestamp)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{int(timestamp * 1000) % 1000:03d}Z"
+
+
 def audit(event: dict[str, Any]) -> None:
     """One JSON line on the "xks_proxy.audit" logger (the audit sink of xks_proxy.access.audit reads it)."""
-    audit_log.info(json.dumps({"time": iso_time(time.time()), **event}, sort_keys=True))
+    audit_log.info(json.dumps({"time": iso_ms(time.time()), **event}, sort_keys=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,11 +45,11 @@ from xks_proxy.errors import (
 )
 from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.throttle import Throttle
+from xks_proxy.process import logsink
 
 if TYPE_CHECKING:
     from xks_proxy.fleet.member import FleetMember
 
-access_log = logging.getLogger("xks_proxy.access")
 log = logging.getLogger("xks_proxy.server")
 
 API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
@@ -303,7 +303,7 @@ class XksServer:
         seconds = time.perf_counter() - started
         result = outcome.error or "OK"
         self.metrics.request(outcome.store, outcome.operation, result, seconds)
-        if not (audit.enabled() or access_log.isEnabledFor(logging.INFO)):
+        if not (audit.enabled() or logsink.access_log.isEnabledFor(logging.INFO)):
             return
         meta = outcome.meta
         clip = audit.clip
@@ -330,7 +330,7 @@ class XksServer:
             }
         ).decode()
         audit.write_line(line)
-        access_log.info("%s", line)
+        logsink.access_line(line)
 
 
 def error_response(exc: XksError) -> web.Response:

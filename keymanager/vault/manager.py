@@ -15,7 +15,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage, StorageUnavailable
+from keymanager.base import PROXY_WIDE, EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage, StorageUnavailable
 from keymanager.base import KeyRefused as VaultError  # any refusal: VaultError, NoSuchKey, BadRequest
 from keymanager.crypto import MasterKey
 from xks_proxy.errors import (
@@ -193,7 +193,7 @@ class VaultKeyManager(KeyManager):
         loaded = await asyncio.to_thread(self._load_if_changed, force)
         if loaded is not None:
             self._install(*loaded)
-            log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1)
+            log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1, extra=PROXY_WIDE)
 
     def _load_if_changed(self, force: bool) -> tuple[int, dict[tuple[str, str], LoadedKey]] | None:
         with self._db_lock:

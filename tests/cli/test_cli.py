@@ -200,7 +200,7 @@ def test_serve_process_end_to_end(cli_home: Path, tls: bool) -> None:
         proc.terminate()
         _, stderr = proc.communicate(timeout=15)
     assert '"outcome":"OK"' in stderr and '"kmsRequestId":"4a0f2f55' in stderr  # one access line per request
-    assert stderr.count(" serving ") == 1, "a line logged before the fork is written once, not once per worker"
+    assert stderr.count('"message":"serving ') == 1, "a line logged before the fork is written once, not once per worker"
     assert cred["RawSecretAccessKey"] not in stderr
 
 

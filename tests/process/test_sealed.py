@@ -146,7 +146,7 @@ def test_a_file_sealed_home_warns_once_that_the_master_key_is_in_clear(tmp_path:
         assert served.stop() == 0
     finally:
         kill(served.proc)
-    assert len(re.findall(r"WARNING .*master key is in clear", served.text)) == 1, served.text
+    assert len(re.findall(r'"level":"WARNING".*master key is in clear', served.text)) == 1, served.text
 
 
 def test_the_control_socket_serves_its_owner_only(shamir_home: SealedHome, tmp_path: Path) -> None:

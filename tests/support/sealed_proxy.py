@@ -96,11 +96,11 @@ class Served:
         return [int(pid) for pid in path.read_text().split()]
 
 
-def start(home: Path, log: Path, workers: int = 2, http: bool = False, **popen: Any) -> Served:
-    """`serve` in its own process group; returns once it answers (sealed or serving)."""
+def start(home: Path, log: Path, workers: int = 2, http: bool = False, extra: tuple[str, ...] = (), **popen: Any) -> Served:
+    """`serve` (with `extra` arguments) in its own process group; returns once it answers (sealed or serving)."""
     env = dict(os.environ, PYTHONPATH=str(WORKTREE))
     env.pop("XKS_PROXY_MASTER_KEY", None)
-    args = ["serve", "--home", str(home), "--port", "0", "--workers", str(workers)] + (["--http"] if http else [])
+    args = ["serve", "--home", str(home), "--port", "0", "--workers", str(workers), *extra] + (["--http"] if http else [])
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "xks_proxy.cli", *args], stdout=stderr, stderr=stderr, env=env, start_new_session=True, **popen

@@ -126,6 +126,17 @@ def append_only(config: AuditConfig) -> None:
     _sinks += 1
 
 
+class _IntoBatch(logging.Handler):
+    """Records other layers write on the audit logger (keymanager's key lifecycle: an auto-rotation) join the batch."""
+
+    def __init__(self, batch: LineBatch) -> None:
+        super().__init__()
+        self._batch = batch
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._batch.add(record.getMessage())
+
+
 class AuditLog:
     """The server's audit sink: batched to the file (one process) or to the sidecar (workers)."""
 
@@ -141,6 +152,8 @@ class AuditLog:
             self._file = rotating_file(config)
             self._batch = LineBatch(self._file.write_lines)
         _batch = self._batch
+        self._handler = _IntoBatch(self._batch)
+        logger.addHandler(self._handler)
         _sinks += 1
 
     @property
@@ -152,6 +165,7 @@ class AuditLog:
         if self._batch is not None:
             if _batch is self._batch:
                 _batch = None
+            logger.removeHandler(self._handler)
             self._batch.close()
             self._batch = None
             _sinks -= 1

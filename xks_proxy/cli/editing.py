@@ -60,7 +60,10 @@ def _editing_shared(local: Config) -> Iterator[tuple[Config, dict[str, Any]]]:
 
 
 def audit_change(config: Config, action: str, **fields: object) -> None:
-    """One audit record for a change this command made (after it is in config.toml, or a fleet's database)."""
+    """One audit record for a change this command made (after it is in config.toml, or a fleet's database).
+
+    A store is named by its URI prefix (`store="demo"`), as in every other audit record.
+    """
     audit.append_only(config.audit)
     audit.audit({"event": "access-admin", "action": action, "actor": actor(), "via": "cli", "outcome": "OK", **fields})
 

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -38,7 +37,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="init a fresh demo home with key 'foo', print how to call it, serve")
-    demo.add_argument("--home", help="where to create the demo home (default: a new temporary directory)")
+    demo.add_argument("--home", help="where to create the demo home (default: $XDG_STATE_HOME/xks-proxy/demo or ~/.local/state/xks-proxy/demo, replaced by the next demo)")
     demo.add_argument(
         "--with-kms", action="store_true", help="also run a local AWS KMS wired to this proxy (key foo); print an aws kms encrypt line"
     )
@@ -66,6 +65,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes sharing the port (default: one per core)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", choices=["json", "text"],
+        help="stderr lines as JSON objects (serve's default, for log shippers) or text (demo's default, for a person)",
+    )  # fmt: skip
 
 
 def seal_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from xks_proxy.process.supervisor import serve
 
     no_core_dumps()  # before the seal opens: no core file ever holds the master key
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format or "json")
     config = configmod.load(configmod.home_dir(args.home), shared=False)
     if config.vault.dsn is not None:
         from xks_proxy.fleet.member import wait_for_stores
@@ -244,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format or "text")
     from xks_proxy.cli import demo_kms
 
     endpoint = f"https://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
@@ -297,13 +300,8 @@ def _demo_home(where: str | None, port: int) -> tuple[Path, str, str]:
     return home, akid, secret
 
 
-def _setup_logging(level: str) -> None:
-    """The server log on stderr, written in batches (see xks_proxy/process/logsink.py)."""
-    from xks_proxy.process.logsink import BatchHandler
+def _setup_logging(level: str, form: str) -> None:
+    """The server log on stderr, written in batches (xks_proxy/process/logsink.py)."""
+    from xks_proxy.process.logsink import setup_stderr
 
-    # Records never show thread, process or caller: don't compute them per request.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]  # the stdlib's documented switch for findCaller
-    handler = BatchHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    setup_stderr(level, form)

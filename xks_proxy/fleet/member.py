@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from keymanager.base import ProxyInfo, SharedStorage, StorageUnavailable
+from keymanager.base import PROXY_WIDE, ProxyInfo, SharedStorage, StorageUnavailable
 from xks_proxy.fleet import shared_settings
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.settings import sections
@@ -111,7 +111,7 @@ class FleetMember:
             self._ok = True
         if changed is not None:
             self.apply(changed)
-            log.info("fleet: shared stores now %s", ", ".join(s.uri_path for s in changed.stores))
+            log.info("fleet: shared stores now %s", ", ".join(s.uri_path for s in changed.stores), extra=PROXY_WIDE)
 
     def _poll(self) -> Config | None:
         """One round on a worker thread: heartbeat when due, then a changed store set, if any."""

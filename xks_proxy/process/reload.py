@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any, Callable
 
-from keymanager.base import StorageUnavailable
+from keymanager.base import PROXY_WIDE, StorageUnavailable
 from xks_proxy import config as configmod
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.access.metrics import NoMetrics
@@ -112,26 +112,26 @@ class Reloader:
         try:
             loaded = await asyncio.to_thread(configmod.load, self.config.home, True, self.config.keyring)
         except (ConfigError, OSError) as exc:
-            log.error("configuration reload refused, still serving the previous configuration: %s", exc)
+            log.error("configuration reload refused, still serving the previous configuration: %s", exc, extra=PROXY_WIDE)
             self._metrics.reload("config", False)
             return
         except StorageUnavailable as exc:  # a fleet's stores are in its database: try again next round
             self._signature = None
             if not self._waiting:
-                log.error("configuration reload waits for the vault database: %s", exc)
+                log.error("configuration reload waits for the vault database: %s", exc, extra=PROXY_WIDE)
             self._waiting = True
             return
         self._waiting = False
         before, self._file_settings = self._file_settings, _restart_only(loaded)
         for name, value in self._file_settings.items():
             if value != before[name]:
-                log.warning("config.toml: %s changed; that takes effect at the next restart", name)
+                log.warning("config.toml: %s changed; that takes effect at the next restart", name, extra=PROXY_WIDE)
         new = self.config = self._overrides(loaded)
         self._apply(new)
         if self._tls is not None:
             self._tls.configure(new)
         self._metrics.reload("config", True)
-        log.info("configuration reloaded: stores %s", ", ".join(s.uri_path for s in new.stores))
+        log.info("configuration reloaded: stores %s", ", ".join(s.uri_path for s in new.stores), extra=PROXY_WIDE)
 
     def adopt(self, config: Config) -> None:
         """A configuration changed elsewhere (a fleet's shared stores): serve it as a reload would."""
@@ -145,10 +145,10 @@ class Reloader:
         try:
             loaded = await asyncio.to_thread(self._tls.poll, force)
         except TlsError as exc:
-            log.error("TLS reload refused, still serving the previous certificate: %s", exc)
+            log.error("TLS reload refused, still serving the previous certificate: %s", exc, extra=PROXY_WIDE)
             self._metrics.reload("tls", False)
             return
         if loaded is not None:
             self._tls.install(loaded)
             self._metrics.reload("tls", True)
-            log.info("TLS certificate, key and client CA reloaded")
+            log.info("TLS certificate, key and client CA reloaded", extra=PROXY_WIDE)
