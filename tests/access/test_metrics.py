@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
-from typing import Any
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
+import pytest
 
+from keymanager.base import iso_time
 from tests.conftest import Home, metadata
-from tests.support.proxy import Pki, client_for, edit_config, eventually, running, scrape, value
+from tests.support.fleet import Proxy, free_port, pg_home
+from tests.support.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
+from tests.support.proxy import Pki, cli, client_for, edit_config, eventually, running, scrape, value
+
+DAY = 86400.0
 
 
 async def test_metrics_are_off_by_default(home: Home) -> None:
@@ -93,3 +104,80 @@ async def test_scrape_after_traffic(home: Home) -> None:
         # A reload that leaves a store's quota alone keeps its bucket: still spent, not refilled.
         assert (await client.encrypt("foo", b"x"))[0] == 429
 
+
+
+@asynccontextmanager
+async def served_with_metrics(home: Home, tmp_path: Path) -> AsyncIterator[int]:
+    """`xks-proxy serve --workers 2`: the supervisor, its workers, the sidecar serving metrics; yields the metrics port.
+
+    (One worker on a file seal serves in-process, process/worker.py, and does not report credential age.)
+    """
+    port = free_port()
+    edit_config(home.path, lambda raw: raw.update(metrics={"enabled": True, "host": "127.0.0.1", "port": port}))
+    proxy = Proxy(home, free_port(), tmp_path / "serve.log").start(workers=2)
+    try:
+        await proxy.wait_serving()
+
+        async def answers() -> bool:  # the sidecar's listener
+            try:
+                return bool(await scrape(port))
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(answers, deadline=15, what="the sidecar serves metrics")
+        yield port
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.vault_only
+async def test_served_proxy_reports_credential_age(home: Home, tmp_path: Path) -> None:
+    """KMS's XksProxyCredentialAge, from a real `serve` at scrape time: N days after it was made, ~N."""
+    added = cli(home.path, "credentials", "add")
+    assert added.returncode == 0, added.stderr
+    new_akid = re.search(r"access key id:\s+(\S+)", added.stdout)[1]  # type: ignore[index]
+
+    def configure(raw: dict[str, Any]) -> None:
+        first = raw["stores"][0]["credentials"][0]
+        assert first["access_key_id"] == home.access_key_id and "created_at" not in first  # made by init
+        first["created_at"] = iso_time(time.time() - 40 * DAY)
+
+    edit_config(home.path, configure)
+    async with served_with_metrics(home, tmp_path) as port:
+        s = await scrape(port)
+        old_age = value(s, "xks_proxy_credential_age_days", store="test", access_key_id=home.access_key_id)
+        new_age = value(s, "xks_proxy_credential_age_days", store="test", access_key_id=new_akid)
+        assert old_age is not None and 39.99 < old_age < 40.01, old_age
+        assert new_age is not None and 0 <= new_age < 0.01, new_age  # `credentials add` recorded when
+
+        # Rotation's last step: the old credential goes, and with it its age (no restart).
+        removed = cli(home.path, "credentials", "remove", home.access_key_id)
+        assert removed.returncode == 0, removed.stderr
+        ages = {dict(labels)["access_key_id"] for (name, labels) in await scrape(port) if name == "xks_proxy_credential_age_days"}
+        assert ages == {new_akid}
+
+
+@pytest.mark.vault_only
+async def test_fleet_database_up_follows_the_database(tmp_path: Path, pg_database: tuple[Cluster, str, str]) -> None:
+    """xks_vault_database_up: 1 while the shared vault answers, 0 once it refuses connections, 1 again after."""
+    cluster, name, dsn = pg_database
+    home = pg_home(tmp_path / "a", dsn)
+    edit_config(home.path, lambda raw: raw.update(metrics={"enabled": True, "host": "127.0.0.1", "port": 0}))
+    database = f"postgres@127.0.0.1:{cluster.port}/{name}"
+    async with running(home.path, plain_http=True) as proxy:
+        port = proxy.metrics_port
+        assert port is not None
+
+        def database_up(up: float) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return value(await scrape(port), "xks_vault_database_up", database=database) == up
+
+            return check
+
+        await eventually(database_up(1), deadline=10, what="database up")
+        cluster.set_connectable(name, False)
+        try:
+            await eventually(database_up(0), deadline=15, what="database down reported")
+        finally:
+            cluster.set_connectable(name, True)
+        await eventually(database_up(1), deadline=15, what="database up again")

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from aiohttp import web
 
 from keymanager.base import EkmHealth, HealthState, KeyManager
+from xks_proxy.config import ConfigError, read_raw
+from xks_proxy.settings.stores import created_at
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -33,6 +36,9 @@ _HEALTH_VALUE = {HealthState.ACTIVE: 2, HealthState.DEGRADED: 1, HealthState.UNA
 
 #: Label -> notAfter (POSIX seconds) of each certificate in service.
 CertExpiry = Callable[[], dict[str, float]]
+#: A shared vault's health entry (keymanager/vault/manager.py names its model "PostgreSQL <version>").
+_DATABASE_MODEL = "PostgreSQL"
+_DAY = 86400.0
 
 
 class NoMetrics:
@@ -52,7 +58,7 @@ class NoMetrics:
 
     def reload(self, what: str, ok: bool) -> None: ...
 
-    async def watch_health(self, key_manager: KeyManager, interval: float = 15.0) -> None: ...
+    async def watch_health(self, key_manager: KeyManager, interval: float = 5.0) -> None: ...
 
 
 class Metrics(NoMetrics):
@@ -86,6 +92,10 @@ class Metrics(NoMetrics):
             "xks_tls_refused", "Connections refused at TLS (handshake failed, or client name not allowed)", ("reason",), registry=r
         )
         self._reloads = Counter("xks_reloads", "Reloads of config or TLS files by result", ("what", "result"), registry=r)
+        self._database_up = Gauge(
+            "xks_vault_database_up", "A fleet's shared vault database: 1 its last round trip worked, 0 not (worst of the workers)",
+            ("database",), registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -112,6 +122,8 @@ class Metrics(NoMetrics):
     def health(self, details: Iterable[EkmHealth]) -> None:
         for detail in details:
             self._health.labels(detail.id).set(_HEALTH_VALUE[detail.state])
+            if detail.model.startswith(_DATABASE_MODEL):
+                self._database_up.labels(detail.id).set(1 if detail.state is HealthState.ACTIVE else 0)
 
     def tls_refused(self, reason: str) -> None:
         self._tls_refused.labels(reason).inc()
@@ -119,8 +131,12 @@ class Metrics(NoMetrics):
     def reload(self, what: str, ok: bool) -> None:
         self._reloads.labels(what, "ok" if ok else "refused").inc()
 
-    async def watch_health(self, key_manager: KeyManager, interval: float = 15.0) -> None:
-        """Keep the health gauge current between KMS's health checks (every few minutes)."""
+    async def watch_health(self, key_manager: KeyManager, interval: float = 5.0) -> None:
+        """Keep the health gauges current between KMS's health checks (every few minutes).
+
+        Every 5 s: an alert waiting a minute sees a change at once, and the probe is cheap (one
+        AES-GCM round trip; a shared database's state is the vault's last refresh, not a query).
+        """
         while True:
             try:
                 self.health(await key_manager.health())
@@ -134,14 +150,19 @@ def with_cert_expiry(registry: "CollectorRegistry", cert_expiry: CertExpiry) -> 
     return registry
 
 
-def multiprocess_registry(cert_expiry: CertExpiry) -> "CollectorRegistry":
-    """What the sidecar serves: the sum over all workers' files, plus certificate expiry."""
+def with_credential_age(registry: "CollectorRegistry", home: Path) -> "CollectorRegistry":
+    registry.register(_CredentialAge(home))  # type: ignore[arg-type]
+    return registry
+
+
+def multiprocess_registry(cert_expiry: CertExpiry, home: Path) -> "CollectorRegistry":
+    """What the sidecar serves: the sum over all workers' files, plus certificate expiry and credential age."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    return with_cert_expiry(registry, cert_expiry)
+    return with_credential_age(with_cert_expiry(registry, cert_expiry), home)
 
 
 def exposition_app(registry: "CollectorRegistry") -> web.Application:
@@ -156,26 +177,69 @@ def exposition_app(registry: "CollectorRegistry") -> web.Application:
     return app
 
 
-class _CertExpiry:
-    """xks_tls_certificate_expiry_days{certificate=...}, computed at scrape time (it keeps falling)."""
+class _ScrapeTimeGauge:
+    """A gauge family computed at each scrape: its values move with the clock, not with requests."""
 
-    def __init__(self, source: CertExpiry) -> None:
-        self._source = source
+    name = ""
+    documentation = ""
+    labels: tuple[str, ...] = ()
 
     def describe(self) -> list[Any]:
         return [self._family()]
 
     def collect(self) -> list[Any]:
         family = self._family()
-        now = time.time()
-        for name, not_after in self._source().items():
-            family.add_metric([name], (not_after - now) / 86400.0)
+        for labels, sample in self._samples(time.time()):
+            family.add_metric(list(labels), sample)
         return [family]
 
-    @staticmethod
-    def _family() -> Any:
+    def _samples(self, now: float) -> Iterable[tuple[tuple[str, ...], float]]:
+        raise NotImplementedError
+
+    def _family(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        return GaugeMetricFamily(
-            "xks_tls_certificate_expiry_days", "Days until a certificate in service expires", labels=["certificate"]
-        )
+        return GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+
+
+class _CertExpiry(_ScrapeTimeGauge):
+    """xks_tls_certificate_expiry_days{certificate=...}, KMS's XksProxyCertificateDaysToExpire (it keeps falling)."""
+
+    name = "xks_tls_certificate_expiry_days"
+    documentation = "Days until a certificate in service expires"
+    labels = ("certificate",)
+
+    def __init__(self, source: CertExpiry) -> None:
+        self._source = source
+
+    def _samples(self, now: float) -> Iterable[tuple[tuple[str, ...], float]]:
+        return [((name,), (not_after - now) / _DAY) for name, not_after in self._source().items()]
+
+
+class _CredentialAge(_ScrapeTimeGauge):
+    """xks_proxy_credential_age_days{store,access_key_id}, KMS's XksProxyCredentialAge.
+
+    Read from config.toml at each scrape, so a credential added or removed since the start
+    shows at once; only the prefixes, access key ids and creation times are read (no secret is
+    opened). A credential with no recorded creation time has no sample.
+    """
+
+    name = "xks_proxy_credential_age_days"
+    documentation = "Days since a store's SigV4 credential was made"
+    labels = ("store", "access_key_id")
+
+    def __init__(self, home: Path) -> None:
+        self._home = home
+
+    def _samples(self, now: float) -> Iterable[tuple[tuple[str, ...], float]]:
+        try:
+            stores = read_raw(self._home).get("stores", [])
+            return [
+                ((store["prefix"], cred["access_key_id"]), (now - when) / _DAY)
+                for i, store in enumerate(stores)
+                for j, cred in enumerate(store["credentials"])
+                if (when := created_at(cred, f"stores[{i}].credentials[{j}]")) is not None
+            ]
+        except (ConfigError, KeyError, TypeError) as exc:  # the reloader reports a bad file
+            log.debug("credential age: %s", exc)
+            return []

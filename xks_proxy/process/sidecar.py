@@ -59,7 +59,7 @@ async def _run(
     runner: web.AppRunner | None = None
     if metrics_socket is not None:
         files = TlsFiles.of(config) if tls else None
-        registry = multiprocess_registry(lambda: expiry_of_files(files) if files else {})
+        registry = multiprocess_registry(lambda: expiry_of_files(files) if files else {}, config.home)
         runner = web.AppRunner(exposition_app(registry), access_log=None)
         await runner.setup()
         await web.SockSite(runner, metrics_socket).start()
