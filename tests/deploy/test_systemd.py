@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Client, Home, need
+from tests.deploy.test_fleet_haproxy import _members
 from tests.support import ROOT
 from tests.support.fleet import free_port
 from tests.support.proxy import WORKTREE, eventually
@@ -110,19 +111,6 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     assert float(match[1]) < 2.0, done.stdout
 
 
-def _session(sid: int) -> list[int]:
-    """The processes of a session, from /proc (field 6 of /proc/PID/stat)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[3]) == sid:
-            members.append(int(stat.parent.name))
-    return members
-
-
 def _mdwe_supported() -> bool:
     """PR_GET_MDWE answers on Linux 6.3 and later."""
     return int(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0)) >= 0
@@ -170,7 +158,7 @@ async def test_proxy_serves_under_memory_deny_write_execute(home: Home, tmp_path
             status, decrypted = await client.decrypt("foo", encrypted)
             assert status == 200 and decrypted["plaintext"] == "dW5kZXIgTURXRQ=="  # b"under MDWE"
         # Supervisor, sidecar and two workers, forked from the one process MDWE was set in (it is inherited).
-        assert len(_session(proc.pid)) >= 4
+        assert len(_members(proc.pid)) >= 4  # its own process group: start_new_session
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=20)
