@@ -16,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -422,3 +424,63 @@ def test_client_certificate_options_against_our_mtls_proxy(tmp_path: Path) -> No
     refused = json.loads(without.stdout)
     assert without.returncode == 1 and refused["passed"] is False
     assert any(c["status"] == "FAIL" and c["id"].startswith(("connection/", "transport/")) for c in refused["checks"])
+
+
+# --- a failing check shows the proxy's own error and hints at the cause (issue 15) ----------------------
+
+HEALTH, AUTH = "connection/health-create", "AuthenticationFailedException"
+#: A wrong setting, the first check it fails, what our proxy answers (errorName, words of its errorMessage), the hint.
+WRONG_SETTINGS = {
+    "region": (["--region", "eu-west-3"], HEALTH, AUTH, "region", "HINT_REGION"),
+    "clock": (["--clock-offset", "900"], HEALTH, AUTH, "request time", "HINT_CLOCK"),
+    "secret": (["--secret-access-key", "W" * 43], HEALTH, AUTH, "signature", "HINT_SECRET"),
+    "access key": (["--access-key-id", "XKSCONFAAAAAAAAAAAAA"], HEALTH, AUTH, "not known", "HINT_ACCESS_KEY"),
+    "path": (["--uri-path", "/no-such-prefix/kms/xks/v1"], HEALTH, "InvalidUriPathException", "no XKS API", "HINT_PATH"),
+    "key": (["--key-id", "no-such-key"], "key/metadata", "KeyNotFoundException", "no-such-key", "HINT_KEY"),
+}
+
+
+@pytest.mark.vault_only
+def test_failures_show_the_proxy_error_and_a_hint_for_each_wrong_setting(
+    home: Any, served_proxy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wrong setting, caused for real against `xks-proxy serve`: the error KMS would get, its message, the hint.
+
+    The right settings first: every check passes and none carries a proxy error or a hint.
+    """
+    from xks_proxy.conformance import diagnosis
+
+    config = tmp_path / "proxy-config.json"
+    config.write_text(_xks_proxy("stores", "export", "--home", str(home.path)))
+    base = ["--endpoint", served_proxy.endpoint, "--ca-bundle", str(served_proxy.ca), "--config", str(config),
+            "--key-id", "foo", "--only", "connection,key", "--burst", "0", "--json"]  # fmt: skip
+    right = cli(*base)
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert all(c["proxy_error"] is None and c["hint"] is None for c in json.loads(right.stdout)["checks"])
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each run is its own subprocess
+        runs = dict(zip(WRONG_SETTINGS, pool.map(lambda setting: cli(*base, *setting[0]), WRONG_SETTINGS.values())))
+    for name, (wrong, check_id, error_name, words, hint_name) in WRONG_SETTINGS.items():
+        done = runs[name]
+        assert done.returncode == 1, f"{name}: {done.stderr}"
+        checks = {c["id"]: c for c in json.loads(done.stdout)["checks"]}
+        failed = checks[check_id]
+        assert failed["status"] == "FAIL", (name, failed)
+        assert failed["proxy_error"]["errorName"] == error_name, (name, failed)
+        assert words in failed["proxy_error"]["errorMessage"], (name, failed)
+        assert failed["hint"] == getattr(diagnosis, hint_name), (name, failed)
+        assert checks["key/metadata"]["hint"] == failed["hint"]
+        assert home.secret not in done.stdout + done.stderr
+    monkeypatch.setenv("COLUMNS", "1000")  # the table's GOT cell holds the whole message on one line
+    table = cli(*[a for a in base if a != "--json"], "--region", "eu-west-3")
+    assert "which this store does not serve" in table.stdout and f"): {diagnosis.HINT_REGION}" in table.stdout
+    assert table.stdout.count(diagnosis.HINT_REGION) == 1  # one hint line for every check it explains
+
+
+def test_hints_come_from_status_name_and_message_alone() -> None:
+    """Another proxy's wording: the hint falls back to every suspect of a refused signature; 404 is the path."""
+    from xks_proxy.conformance.diagnosis import HINT_KEY, HINT_PATH, HINT_SIGNATURE, hint
+
+    assert hint(401, "AuthenticationFailedException", "Unauthorized") == HINT_SIGNATURE
+    assert hint(404, "", "") == HINT_PATH
+    assert hint(404, "KeyNotFoundException", "no such key") == HINT_KEY
+    assert hint(400, "ValidationException", "bad plaintext") is None

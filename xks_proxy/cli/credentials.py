@@ -16,6 +16,7 @@ from keymanager.base import iso_time
 from xks_proxy.cli.common import CommandError, load
 from xks_proxy.cli.editing import audit_change, editing, store_index, uri_path
 from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
+from xks_proxy.cli.nouns import add_json_flag, credential_json, print_listing
 from xks_proxy.config import ACCESS_KEY_RE, SECRET_RE, Config
 
 
@@ -33,9 +34,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     remove = creds.add_parser("remove", parents=[store_arg], help="remove a credential (never the last one)")
     remove.add_argument("access_key_id")
     remove.set_defaults(func=cmd_credentials_remove)
-    creds.add_parser("list", parents=[store_arg], help="list access key ids, oldest first").set_defaults(
-        func=cmd_credentials_list
-    )
+    listing = creds.add_parser("list", parents=[store_arg], help="list access key ids, oldest first (never secrets)")
+    add_json_flag(listing)
+    listing.set_defaults(func=cmd_credentials_list)
 
 
 def cmd_credentials_add(args: argparse.Namespace) -> int:
@@ -89,6 +90,7 @@ def cmd_credentials_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_credentials_list(args: argparse.Namespace) -> int:
-    for cred in load(args).store(args.store).credentials:
-        print(cred.access_key_id)
+    store = load(args).store(args.store)
+    credentials = (credential_json(store, cred) for cred in store.credentials)
+    print_listing(credentials, args.json, lambda credential: credential["accessKeyId"])
     return 0

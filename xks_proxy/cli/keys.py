@@ -3,7 +3,8 @@
 Every action is a `KeyLifecycle` call (`_lifecycle`): the admin API client with --admin-url,
 else the configured backend's full lifecycle (the vault: versions, deletion, BYOK, and due
 deletions swept first) or the plain `KeyAdminLifecycle` over its `KeyAdmin` (an HSM). Results
-print as JSON; refusals are one line. Lifecycle actions are audited, from the CLI too.
+print as JSON (`keys list`: one line per key, or with --json the array of the objects `keys
+show` prints); refusals are one line. Lifecycle actions are audited, from the CLI too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from keymanager.base import KeyAdminError
 from keymanager.crypto_transfer import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xks_proxy import config as configmod
 from xks_proxy.cli.common import CommandError, actor, load
+from xks_proxy.cli.nouns import add_json_flag, print_listing
 
 if TYPE_CHECKING:
     from xks_proxy.admin.lifecycle import KeyLifecycle
@@ -37,17 +39,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     create.add_argument("--usage", default="ENCRYPT,DECRYPT", help="comma-separated ENCRYPT,DECRYPT (may be empty)")
     create.add_argument("--no-material", action="store_true", help="create without key material (PENDING_IMPORT), to import your own")
     create.set_defaults(func=_ACTIONS["create"], action_name="create")
-    keys.add_parser("list", parents=[store_arg], help="list keys").set_defaults(func=_ACTIONS["list"], action_name="list")
+    listing = keys.add_parser("list", parents=[store_arg], help="list keys")
+    add_json_flag(listing)
+    listing.set_defaults(func=_ACTIONS["list"], action_name="list")
     for name, helptext in (
         ("show", "show one key"),
         ("disable", "disable a key (crypto refused, metadata says DISABLED)"),
         ("enable", "enable a disabled key"),
         ("rotate", "add a new key version; old ciphertexts keep decrypting"),
-        ("versions", "list a key's versions with creation time and encryption counts"),
+        ("versions", "a key's versions: creation time, encryptions performed and reserved (JSON)"),
         ("cancel-deletion", "cancel a scheduled deletion (the key becomes DISABLED)"),
     ):
         action = keys.add_parser(name, parents=[store_arg], help=helptext)
         action.add_argument("key_id")
+        if name == "versions":
+            action.add_argument("--json", action="store_true", help="JSON (the default here, as for every single key)")
         action.set_defaults(func=_ACTIONS[name], action_name=name)
     schedule = keys.add_parser(
         "schedule-deletion", parents=[store_arg], help="destroy a key after a waiting period (crypto refused meanwhile)"
@@ -150,13 +156,29 @@ def _lifecycle(args: argparse.Namespace) -> Iterator["KeyLifecycle"]:
 
 
 def _list(keys: "KeyLifecycle", args: argparse.Namespace) -> None:
-    for info in keys.list():
-        usage = ",".join(info["keyUsage"]) or "-"
-        last = f"versions={info['versions']}" if "versions" in info else f"keySpec={info['keySpec']}"
-        line = f"{info['keyId']}\t{info['keyStatus']}\t{usage}\t{last}"
-        if info.get("deletionDate"):
-            line += f"\tdeletion={info['deletionDate']}"
-        print(line)
+    """One line per key, or (--json) an array of the objects `keys show` and the admin API give."""
+    print_listing(keys.list(), args.json, _key_line)
+
+
+def _key_line(info: dict[str, Any]) -> str:
+    usage = ",".join(info["keyUsage"]) or "-"
+    last = f"versions={info['versions']}" if "versions" in info else f"keySpec={info['keySpec']}"
+    line = f"{info['keyId']}\t{info['keyStatus']}\t{usage}\t{last}"
+    return line + (f"\tdeletion={info['deletionDate']}" if info.get("deletionDate") else "")
+
+
+def _versions(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, Any]:
+    """The key's versions, each naming encryptions performed apart from encryptions reserved.
+
+    The vault holds only reservations (`encryptionsReserved`, an upper bound for every server
+    together); the encryptions performed are counted in a serving process's memory, so only
+    the admin API can tell them (`encryptionsByThisServer`, the answering server since it
+    started). From the local vault, `encryptionsPerformed` is null: unknown, not zero.
+    """
+    result = keys.versions(args.key_id)
+    for version in result["versions"]:
+        version["encryptionsPerformed"] = version.get("encryptionsByThisServer")
+    return result
 
 
 def _get_import_params(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, object]:
@@ -194,7 +216,7 @@ _ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
     "disable": _key_command(lambda keys, args: keys.disable(args.key_id)),
     "enable": _key_command(lambda keys, args: keys.enable(args.key_id)),
     "rotate": _key_command(lambda keys, args: keys.rotate(args.key_id)),
-    "versions": _key_command(lambda keys, args: keys.versions(args.key_id)),
+    "versions": _key_command(_versions),
     "schedule-deletion": _key_command(lambda keys, args: keys.schedule_deletion(args.key_id, args.pending_days)),
     "cancel-deletion": _key_command(lambda keys, args: keys.cancel_deletion(args.key_id)),
     "get-import-params": _key_command(_get_import_params),

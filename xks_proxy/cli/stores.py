@@ -15,6 +15,7 @@ from typing import Any
 from xks_proxy.cli.common import CommandError, load
 from xks_proxy.cli.editing import audit_change, editing, store_index, uri_path
 from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
+from xks_proxy.cli.nouns import add_json_flag, print_listing, store_json
 from xks_proxy.config import REGION_RE, validate_prefix
 
 
@@ -29,7 +30,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     sremove.add_argument("prefix")
     sremove.add_argument("--yes", action="store_true", help="confirm: KMS loses access to every key of this store")
     sremove.set_defaults(func=cmd_stores_remove)
-    stores.add_parser("list", parents=[common], help="list key stores").set_defaults(func=cmd_stores_list)
+    slist = stores.add_parser("list", parents=[common], help="list key stores (never a secret)")
+    add_json_flag(slist)
+    slist.set_defaults(func=cmd_stores_list)
     export = stores.add_parser("export", parents=[common], help="print the KMS proxy configuration file (newest credential)")
     export.add_argument("prefix", nargs="?", help="the store's URI prefix (default: the only store)")
     export.set_defaults(func=cmd_stores_export)
@@ -51,7 +54,7 @@ def cmd_stores_add(args: argparse.Namespace) -> int:
         elif config.backend == "pkcs11":
             print("xks-proxy: note: this store can use every key on the token; limit it with --key-ids", file=sys.stderr)
         raw["stores"].append(table)
-    audit_change(config, "stores-add", store=uri_path(prefix), regions=table["regions"], keyIds=table.get("key_ids"), accessKeyId=akid)
+    audit_change(config, "stores-add", store=prefix, regions=table["regions"], keyIds=table.get("key_ids"), accessKeyId=akid)
     print(f"Added key store {uri_path(prefix)}")
     print(f"  access key id:      {akid}")
     print(f"  secret access key:  {secret}")
@@ -68,19 +71,22 @@ def cmd_stores_remove(args: argparse.Namespace) -> int:
         if len(raw["stores"]) == 1:
             raise CommandError("this is the only key store; the proxy needs at least one")
         del raw["stores"][i]
-    audit_change(config, "stores-remove", store=uri_path(prefix))
+    audit_change(config, "stores-remove", store=prefix)
     print(f"Removed key store {uri_path(prefix)} (its keys remain in the key manager)")
     return 0
 
 
 def cmd_stores_list(args: argparse.Namespace) -> int:
-    for store in load(args).stores:
-        keys = "all" if store.key_ids is None else ",".join(sorted(store.key_ids)) or "-"
-        print(
-            f"{store.uri_path}\tregions={','.join(sorted(store.regions))}\tcredentials={len(store.credentials)}"
-            f"\tpolicy_rules={len(store.policy.rules)}\tkey_ids={keys}"
-        )
+    print_listing((store_json(store) for store in load(args).stores), args.json, _store_line)
     return 0
+
+
+def _store_line(store: dict[str, Any]) -> str:
+    keys = "all" if store["keyIds"] is None else ",".join(store["keyIds"]) or "-"
+    return (
+        f"{store['uriPath']}\tregions={','.join(store['regions'])}\tcredentials={len(store['credentials'])}"
+        f"\tpolicy_rules={store['policyRules']}\tkey_ids={keys}"
+    )
 
 
 def cmd_stores_export(args: argparse.Namespace) -> int:

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--burst", type=int, default=100, help="Encrypt calls in the latency burst (default: 100; 0 skips)")
     knobs.add_argument("--concurrency", type=int, default=10, help="concurrent calls in the burst (default: 10)")
     knobs.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for any one answer (default: 5)")
+    knobs.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                       help="sign as if this machine's clock were SECONDS ahead (negative: behind), to see what a "
+                            "proxy tells a caller whose clock is off (default: 0)")
     knobs.add_argument("--only", help=f"comma-separated categories to report: {', '.join(CATEGORIES)}")
     knobs.add_argument("--json", action="store_true", help="print the report as JSON")
 

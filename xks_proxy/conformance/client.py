@@ -75,7 +75,8 @@ class XksClient:
 
     def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None) -> None:
         self.settings = settings
-        self.signer = Signer(settings.credential.access_key_id, settings.credential.secret, settings.region)
+        self.signer = Signer(settings.credential.access_key_id, settings.credential.secret, settings.region,
+                             skew_seconds=settings.clock_offset)
         self.replies: list[Reply] = []
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None

@@ -1,8 +1,10 @@
 """How a run is told: a table for people (coloured on a terminal), JSON for pipelines.
 
 The table shows, for every check, what KMS expects, what came back, and what KMS would do; long
-cells wrap within the terminal width. Neither form ever contains the secret access key: the
-report holds only what the checks recorded, and no check records it.
+cells wrap within the terminal width. When a check failed on an error answer, GOT carries the
+proxy's errorMessage, and the footer gives each likely cause once (`diagnosis`). Neither form
+ever contains the secret access key: the report holds only what the checks recorded, and no
+check records it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import textwrap
 from typing import TextIO
 
-from xks_proxy.conformance.results import Report, Status
+from xks_proxy.conformance.results import CheckResult, Report, Status
 
 _COLOURS = {Status.PASS: "\033[32m", Status.FAIL: "\033[1;31m", Status.WARN: "\033[33m", Status.SKIP: "\033[2m"}
 _RESET, _BOLD = "\033[0m", "\033[1m"
@@ -32,7 +34,7 @@ def render_json(report: Report) -> str:
 
 def render_table(report: Report, colour: bool = False, width: int | None = None) -> str:
     width = width or max(100, shutil.get_terminal_size((160, 24)).columns)
-    rows = [(r.status, r.id, r.expected, r.actual, r.kms.text) for r in report.ordered()]
+    rows = [(r.status, r.id, r.expected, _got(r), r.kms.text) for r in report.ordered()]
     id_width = max([len(_HEADERS[1])] + [len(row[1]) for row in rows])
     rest = max(60, width - id_width - 4 - 4 * 2)
     widths = (4, id_width, rest * 3 // 10, rest * 4 // 10, rest - rest * 3 // 10 - rest * 4 // 10)
@@ -46,6 +48,25 @@ def render_table(report: Report, colour: bool = False, width: int | None = None)
         lines += _row((status.value, check_id, expected, actual, kms), widths, status, colour)
     lines += ["", *_footer(report, colour)]
     return "\n".join(lines)
+
+
+def _got(result: CheckResult) -> str:
+    """What came back, with the proxy's own errorMessage when it answered an error."""
+    error = result.proxy_error
+    return f"{result.actual}: {error.message}" if error and error.message else result.actual
+
+
+def _hints(report: Report) -> list[str]:
+    """Each likely cause once, naming the checks it explains (the first three)."""
+    checks: dict[str, list[str]] = {}
+    for result in report.ordered():
+        if result.proxy_error and result.proxy_error.hint:
+            checks.setdefault(result.proxy_error.hint, []).append(result.id)
+    lines = []
+    for hint, ids in checks.items():
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        lines.append(f"hint ({', '.join(ids[:3])}{more}): {hint}")
+    return lines
 
 
 def _header(report: Report) -> str:
@@ -67,7 +88,7 @@ def _row(cells: tuple[str, ...], widths: tuple[int, ...], status: Status | None,
 
 def _footer(report: Report, colour: bool) -> list[str]:
     counts = report.counts()
-    lines = [f"note: {note}" for note in report.notes]
+    lines = [f"note: {note}" for note in report.notes] + _hints(report)
     if report.latency and "p99_ms" in report.latency:
         lat = report.latency
         lines.append(f"latency: {lat['calls']} calls, avg {lat['avg_ms']} ms, p50 {lat['p50_ms']}, p90 {lat['p90_ms']}, "

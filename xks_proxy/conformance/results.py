@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from xks_proxy.conformance.diagnosis import ProxyError
 from xks_proxy.conformance.settings import CATEGORIES
 
 
@@ -38,6 +39,8 @@ class CheckResult:
     expected: str
     actual: str
     kms: Outcome
+    #: The error the proxy answered, when that is why the check did not pass (None otherwise).
+    proxy_error: ProxyError | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,8 @@ class CheckResult:
             "actual": self.actual,
             "kms_code": self.kms.code,
             "kms_outcome": self.kms.text,
+            "proxy_error": self.proxy_error.as_dict() if self.proxy_error else None,
+            "hint": self.proxy_error.hint if self.proxy_error else None,
         }
 
 

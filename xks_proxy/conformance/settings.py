@@ -60,6 +60,7 @@ class Settings:
     concurrency: int = 10
     timeout: float = 5.0
     budget_ms: float = 250.0
+    clock_offset: float = 0.0
     probes: OptionalKeys = OptionalKeys()
     only: frozenset[str] = frozenset(CATEGORIES)
 
@@ -104,6 +105,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         credential=Credential(str(akid), str(secret)), key_id=args.key_id, region=args.region,
         ca_bundle=args.ca_bundle, client_cert=args.client_cert, client_key=args.client_key,
         allow_http=args.allow_http, burst=args.burst, concurrency=args.concurrency, timeout=args.timeout,
+        clock_offset=args.clock_offset,
         probes=OptionalKeys(args.encrypt_only_key, args.decrypt_only_key, args.no_usage_key, args.disabled_key),
         only=_categories(args.only),
     )

@@ -12,6 +12,7 @@ from typing import Callable
 
 from xks_proxy.conformance import outcomes
 from xks_proxy.conformance.client import Reply, XksClient
+from xks_proxy.conformance.diagnosis import diagnose
 from xks_proxy.conformance.results import CheckResult, Outcome, Report, Status
 from xks_proxy.conformance.settings import Settings
 from xks_proxy.conformance.validate import ERROR_STATUS, classify
@@ -30,10 +31,15 @@ class Run:
         return self.client
 
     def check(self, check_id: str, title: str, *, ok: bool | None, expected: str, actual: str,
-              kms: Outcome, advisory: bool = False) -> CheckResult:
-        """Record a verdict. ok=None is a skip; `advisory` checks warn instead of failing."""
+              kms: Outcome, advisory: bool = False, reply: Reply | None = None) -> CheckResult:
+        """Record a verdict. ok=None is a skip; `advisory` checks warn instead of failing.
+
+        `reply` is the answer judged: when the check did not pass and the proxy answered an
+        error, the result carries the proxy's errorName, errorMessage and a hint at the cause.
+        """
         status = Status.SKIP if ok is None else Status.PASS if ok else Status.WARN if advisory else Status.FAIL
-        result = CheckResult(check_id, check_id.split("/", 1)[0], title, status, expected, actual, kms)
+        proxy_error = diagnose(reply) if status in (Status.FAIL, Status.WARN) else None
+        result = CheckResult(check_id, check_id.split("/", 1)[0], title, status, expected, actual, kms, proxy_error)
         if self.settings.wants(result.category):
             self.report.add(result)
         return result
@@ -47,5 +53,5 @@ class Run:
         kind, actual = classify(reply, self.settings.budget_ms)
         kms = on_success if kind == outcomes.OK else predict(kind)
         return self.check(check_id, title, ok=kind == error_name, expected=f"HTTP {ERROR_STATUS[error_name]} {error_name}",
-                          actual=actual, kms=kms, advisory=advisory)
+                          actual=actual, kms=kms, advisory=advisory, reply=reply)
 

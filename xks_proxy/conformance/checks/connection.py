@@ -37,7 +37,7 @@ async def _health(run: Run, operation: str) -> list[str]:
         kind, found = health_verdict(reply.json())
         actual = f"{actual}; {found}" if kind == outcomes.OK else found
     run.check(f"connection/health-{_slug(operation)}", f"GetHealthStatus for {operation}", ok=kind == outcomes.OK,
-              expected=HEALTH_EXPECTED, actual=actual, kms=outcomes.connect(kind, operation))
+              expected=HEALTH_EXPECTED, actual=actual, kms=outcomes.connect(kind, operation), reply=reply)
     return states if kind == outcomes.OK else []
 
 
@@ -70,7 +70,7 @@ def _accepted(run: Run, check_id: str, title: str, reply: Reply, what: str) -> N
     code = outcomes.connection_code(kind)
     run.check(check_id, title, ok=kind == outcomes.OK, expected="HTTP 200, as for any health request", actual=actual,
               kms=outcomes.connect(outcomes.OK, "KmsHealthCheck") if kind == outcomes.OK else
-              Outcome(code, f"when KMS sends {what}, the request fails: ConnectionErrorCode {code}"))
+              Outcome(code, f"when KMS sends {what}, the request fails: ConnectionErrorCode {code}"), reply=reply)
 
 
 async def check_key(run: Run) -> None:
@@ -80,7 +80,7 @@ async def check_key(run: Run) -> None:
         kind, actual = metadata_verdict(reply.json())
     run.check("key/metadata", f"GetKeyMetadata for CreateKey ({run.settings.key_id})", ok=kind == outcomes.OK,
               expected="HTTP 200: keySpec AES_256, keyUsage with ENCRYPT and DECRYPT (at most 10 values), keyStatus ENABLED",
-              actual=actual, kms=outcomes.create_key(kind))
+              actual=actual, kms=outcomes.create_key(kind), reply=reply)
 
 
 def _slug(operation: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from xks_proxy.conformance import outcomes
 from xks_proxy.conformance.checks import Run
+from xks_proxy.conformance.client import Reply
 from xks_proxy.conformance.results import Outcome
 from xks_proxy.conformance.validate import ENCRYPT_ASPECTS, Sealed, classify, encrypt_problems
 
@@ -56,7 +57,7 @@ async def check(run: Run) -> None:
 
 async def _round_trip(run: Run, findings: Findings, name: str, title: str, aad: bytes | None,
                       sizes: tuple[int, ...], cdiv: bool) -> None:
-    failure: tuple[str, Outcome] | None = None
+    failure: tuple[str, Outcome, Reply] | None = None
     for size in sizes:
         failure = await _one_round_trip(run, findings, os.urandom(size), aad, cdiv)
         if failure:
@@ -65,30 +66,31 @@ async def _round_trip(run: Run, findings: Findings, name: str, title: str, aad: 
     expected = f"Encrypt then Decrypt of {', '.join(map(str, sizes))}-byte plaintexts ({aad_text}) gives the plaintext back"
     run.check(f"crypto/{name}", title, ok=failure is None, expected=expected,
               actual=failure[0] if failure else f"{len(sizes)} sizes round-tripped",
-              kms=failure[1] if failure else Outcome("OK", "KMS Encrypt and Decrypt succeed"))
+              kms=failure[1] if failure else Outcome("OK", "KMS Encrypt and Decrypt succeed"),
+              reply=failure[2] if failure else None)
 
 
 async def _one_round_trip(run: Run, findings: Findings, plaintext: bytes, aad: bytes | None,
-                          cdiv: bool) -> tuple[str, Outcome] | None:
-    """None on success, else (what went wrong, KMS outcome)."""
+                          cdiv: bool) -> tuple[str, Outcome, Reply] | None:
+    """None on success, else (what went wrong, KMS outcome, the answer that went wrong)."""
     where = f"{len(plaintext)} bytes"
     reply = await run.api.encrypt(run.settings.key_id, plaintext, aad, cdiv)
     kind, actual = classify(reply, run.settings.budget_ms)
     if kind != outcomes.OK:
-        return f"Encrypt ({where}): {actual}", outcomes.crypto(kind, "Encrypt")
+        return f"Encrypt ({where}): {actual}", outcomes.crypto(kind, "Encrypt"), reply
     sealed, problems = encrypt_problems(reply.json(), plaintext, aad, cdiv)
     findings.responses += 1
     for aspect, found in problems.items():
         findings.problems[aspect].update(found)
     if sealed is None:
         return f"Encrypt ({where}): response unusable: {'; '.join(sum(problems.values(), []))}", \
-            outcomes.crypto(outcomes.INVALID_RESPONSE, "Encrypt")
+            outcomes.crypto(outcomes.INVALID_RESPONSE, "Encrypt"), reply
     findings.sealed.append(sealed)
     run.ivs.append(sealed.iv)
     reply = await run.api.decrypt(run.settings.key_id, sealed.decrypt_fields(aad))
     kind, actual = classify(reply, run.settings.budget_ms)
     if kind != outcomes.OK:
-        return f"Decrypt ({where}): {actual}", outcomes.crypto(kind, "Decrypt")
+        return f"Decrypt ({where}): {actual}", outcomes.crypto(kind, "Decrypt"), reply
     body = reply.json()
     got = body.get("plaintext") if isinstance(body, dict) else None
     try:
@@ -97,7 +99,7 @@ async def _one_round_trip(run: Run, findings: Findings, plaintext: bytes, aad: b
         matches = False
     if not matches:
         return f"Decrypt ({where}): plaintext missing or different from what was encrypted", \
-            _unusable("Decrypt", "the proxy's plaintext is not KMS's inner ciphertext")
+            _unusable("Decrypt", "the proxy's plaintext is not KMS's inner ciphertext"), reply
     return None
 
 

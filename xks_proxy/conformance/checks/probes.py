@@ -47,7 +47,7 @@ async def _encrypt_only(run: Run, key: str) -> None:
     reply = await api.encrypt(key, plaintext, None, cdiv=False)
     kind, actual = classify(reply, run.settings.budget_ms)
     run.check("probes/encrypt-only-encrypt", f"encrypt-only key {key} encrypts", ok=kind == outcomes.OK,
-              expected="HTTP 200", actual=actual, kms=outcomes.crypto(kind, "Encrypt"))
+              expected="HTTP 200", actual=actual, kms=outcomes.crypto(kind, "Encrypt"), reply=reply)
     sealed = encrypt_problems(reply.json(), plaintext, None, False)[0] if kind == outcomes.OK else None
     fields = sealed.decrypt_fields(None) if sealed else _DUMMY
     reply = await api.decrypt(key, fields)
@@ -76,7 +76,7 @@ async def _disabled(run: Run, key: str) -> None:
     run.check("probes/disabled-metadata", f"disabled key {key} reports DISABLED", ok=status == "DISABLED",
               expected="HTTP 200 with keyStatus DISABLED", actual=actual,
               kms=outcomes.create_key(outcomes.KEY_CONFIG) if status == "DISABLED" else
-              Outcome("MISREPORTED_KEY_STATE", "KMS cannot see that the external key is disabled"))
+              Outcome("MISREPORTED_KEY_STATE", "KMS cannot see that the external key is disabled"), reply=reply)
     for operation in ("Encrypt", "Decrypt"):
         reply = await (run.api.encrypt(key, os.urandom(32), None, cdiv=False) if operation == "Encrypt"
                        else run.api.decrypt(key, _DUMMY))
