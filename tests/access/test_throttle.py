@@ -1,9 +1,14 @@
-"""Load shedding: a burst far over a store's quota, and the global in-flight cap, over real HTTP."""
+"""Load shedding: a burst far over a store's quota, and the in-flight cap, over real HTTP; the bucket table the
+workers share (issue 15), with a real lock-holding process (tests/access/test_throttle_workers.py: real workers)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
+import subprocess
+import sys
 from typing import Any
 
 from aiohttp import ClientSession
@@ -16,13 +21,16 @@ import pytest
 
 from tests.conftest import Client, Home, b64, unb64
 from tests.support.proxy import client_for, edit_config, eventually, running
+from xks_proxy.access.throttle import BucketTable, SharedBucket, Throttle
 from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
+from xks_proxy.config import Quota
 from xks_proxy.server import XksServer
 
 # Admission is decided before any backend is called; the in-flight test gates the vault: run once, on the vault.
 pytestmark = pytest.mark.vault_only
 
 BURST = 5
+STUCK = "a throttle lock was held over 0.05 s (a stopped worker?): admitting without the quota meanwhile"
 
 
 def _throttled(status: int, text: str) -> bool:
@@ -121,3 +129,67 @@ async def test_in_flight_cap_answers_429_at_once_instead_of_queueing(home: Home)
             assert status == 200, "finished requests leave the in-flight count"
     finally:
         await server.close()
+
+
+def _quota(home: Home, rate: float, burst: int) -> None:
+    edit_config(home.path, lambda raw: raw["stores"][0].update(throttle={"rate": rate, "burst": burst}))
+
+
+def test_workers_charge_one_bucket_which_a_reload_or_a_restart_keeps(home: Home) -> None:
+    """Two workers' throttles on one table admit the store's burst once between them (a refill of
+    one request per 1000 s is nil here); a reload to a larger burst or a new worker refills nothing,
+    nor does a reload refill a single process's own bucket."""
+    _quota(home, 0.001, 6)
+    table = BucketTable()
+    workers = [Throttle(home.config, workers=2) for _ in range(2)]
+    for worker in workers:
+        worker.share(table)
+    single = Throttle(home.config)
+    assert sum(worker.take("test") for _ in range(10) for worker in workers) == 6
+    assert sum(single.take("test") for _ in range(10)) == 6
+    _quota(home, 0.001, 20)
+    for worker in [*workers, single]:
+        worker.configure(home.config)
+    assert not single.take("test")
+    restarted = Throttle(home.config, workers=2)
+    restarted.share(table)
+    assert sum(worker.take("test") for _ in range(10) for worker in [*workers, restarted]) == 0
+
+
+def test_a_lock_holder_that_stops_fails_open_and_one_that_dies_wedges_nobody(home: Home, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds every lock of the table: a take waits LOCK_WAIT_SECONDS, then admits (the
+    documented fail-open) with a warning; SIGKILLed, its locks go with it and the quota counts again."""
+    _quota(home, 0.001, 1)
+    table = BucketTable()
+    throttle = Throttle(home.config, workers=2)
+    throttle.share(table)
+    assert throttle.take("test") and not throttle.take("test")
+    hold = "import fcntl, sys; fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(table.fileno())], pass_fds=[table.fileno()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        holder.send_signal(signal.SIGSTOP)
+        with caplog.at_level(logging.WARNING, logger="xks_proxy"):
+            assert throttle.take("test") and throttle.take("test"), "a stuck lock admits"
+        assert [r.message for r in caplog.records].count(STUCK) == 1, "one warning a minute, not one a request"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not throttle.take("test"), "the dead holder's lock is gone: the exhausted bucket refuses again"
+
+
+def test_a_full_table_reuses_a_refilled_slot_first() -> None:
+    """Two slots, three stores: the third takes the slot of the one whose bucket is full (it loses
+    nothing), not the spent one's, which a new worker's handle still finds. With every bucket spent,
+    a store that lost its slot gets a full one again: the documented tolerance beyond SLOTS stores."""
+    table = BucketTable(slots=2)
+    quota = Quota(0.001, 2)
+    spent = SharedBucket(table, "spent", quota)
+    assert [spent.take() for _ in range(3)] == [True, True, False]
+    SharedBucket(table, "idle", quota)  # claimed, full, never charged
+    third = SharedBucket(table, "third", quota)
+    assert [third.take() for _ in range(3)] == [True, True, False]
+    assert not spent.take() and not SharedBucket(table, "spent", quota).take()
+    assert [SharedBucket(table, "idle", quota).take() for _ in range(3)] == [True, True, False]

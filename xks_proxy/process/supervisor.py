@@ -13,8 +13,9 @@ first, the others once it serves, so a wrong HSM PIN is tried once. It restarts 
 dies (but stops when a worker cannot start at all, see EXIT_CANNOT_START), passes SIGTERM/SIGINT
 on for a graceful stop and SIGHUP on for a reload, and learns of each signal from a wakeup pipe
 it selects on (signalpipe.py says why). Every worker watches the vault, config.toml and the TLS
-files itself, so changes reach all of them within a second. Each worker holds 1/N of the
-throttle limits. A sidecar process (sidecar.py) writes the one audit file and serves the metrics
+files itself, so changes reach all of them within a second. The workers charge one shared
+token bucket per store (a `BucketTable` made here before they fork); each holds 1/N of the
+in-flight cap. A sidecar process (sidecar.py) writes the one audit file and serves the metrics
 of all workers. The admin listener, if enabled, runs in worker 0 only: its port is single.
 """
 
@@ -37,6 +38,7 @@ from keymanager.base import StorageUnavailable
 from xks_proxy.access import audit
 from xks_proxy.access.metrics import NoMetrics
 from xks_proxy.access.mtls import TlsError, TlsManager
+from xks_proxy.access.throttle import BucketTable
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import XksError
 from xks_proxy.process.control import Gate, open_config, sealed_copy
@@ -120,7 +122,7 @@ class _Supervisor:
         if self.metrics_sock is not None:
             self.metrics_dir = tempfile.mkdtemp(prefix="xks-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # read by prometheus_client in the children
-        self.shared = Shared(workers=workers, audit_socket=audit_tx)
+        self.shared = Shared(workers=workers, audit_socket=audit_tx, buckets=BucketTable() if workers > 1 else None)
         self.children: dict[int, int] = {}  # pid -> slot (SIDECAR, SEALED or a worker's)
         self.retired: set[int] = set()  # children told to stop by a seal or an unseal: never restarted
         self.stopping = self.failed = self.announced = False

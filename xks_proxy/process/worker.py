@@ -25,6 +25,7 @@ from xks_proxy.access.audit import AuditLog
 from xks_proxy.access.connections import GuardedSite, Guards, redact_aiohttp_logs
 from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
 from xks_proxy.access.mtls import TlsError, TlsManager
+from xks_proxy.access.throttle import BucketTable
 from xks_proxy.access.tls_transport import TlsSite
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.process.sockets import listen
@@ -45,6 +46,7 @@ class Shared:
     workers: int
     audit_socket: socket.socket | None
     admin: bool = False  # this worker runs the admin listener
+    buckets: BucketTable | None = None  # the stores' quotas, shared by all workers
 
 
 @dataclass
@@ -99,6 +101,8 @@ async def start(
     audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
     key_manager = create_key_manager(config)
     server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
+    if shared is not None and shared.buckets is not None:
+        server.throttle.share(shared.buckets)
     reloader = Reloader(file_config, server.apply_config, tls, metrics, reload_interval, overrides=serving_port)
     if server.fleet is not None:
         server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
