@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from keymanager.base import iso_time
 from keymanager.crypto import Keyring, MasterKey
 from keymanager.seal.home import legacy_keyring
 from keymanager.seal.kinds import NewSeal, open_keyring
@@ -42,9 +44,11 @@ def new_secret() -> str:
 
 
 def sealed_credential(master_key: Keyring | MasterKey, access_key_id: str, secret: str) -> dict[str, str]:
+    """A credential as config.toml holds it: the secret sealed, and when it was made (its age is a metric)."""
     return {
         "access_key_id": access_key_id,
         "secret_access_key_sealed": master_key.seal_text(secret, credential_context(access_key_id)),
+        "created_at": iso_time(time.time()) or "",  # iso_time is None only for None
     }
 
 
