@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from keymanager.base import iso_time
 from xks_proxy.cli.common import CommandError, load
 from xks_proxy.cli.editing import audit_change, editing, store_index, uri_path
 from xks_proxy.cli.home import new_access_key_id, new_secret, sealed_credential
@@ -49,11 +47,10 @@ def cmd_credentials_add(args: argparse.Namespace) -> int:
         if akid in _all_access_key_ids(config):
             raise CommandError(f"--access-key-id: {akid} is already a credential of a key store")
         i = store_index(config, raw, args.store)
-        created = {"created_at": iso_time(time.time())}  # its age is a metric (docs/operations.md)
-        raw["stores"][i]["credentials"].append({**sealed_credential(config.master_key, akid, secret), **created})
-        path = uri_path(raw["stores"][i]["prefix"])
-    audit_change(config, "credentials-add", store=path, accessKeyId=akid, generated=not secret_given)
-    print(f"Added credential {akid} to key store {path}")
+        raw["stores"][i]["credentials"].append(sealed_credential(config.master_key, akid, secret))
+        prefix = raw["stores"][i]["prefix"]
+    audit_change(config, "credentials-add", store=prefix, accessKeyId=akid, generated=not secret_given)
+    print(f"Added credential {akid} to key store {uri_path(prefix)}")
     print(f"  access key id:      {akid}")
     if not secret_given:
         print(f"  secret access key:  {secret}")
@@ -83,8 +80,8 @@ def cmd_credentials_remove(args: argparse.Namespace) -> int:
         if not kept:
             raise CommandError(f"{args.access_key_id} is the last credential of this key store; add another first")
         raw["stores"][i]["credentials"] = kept
-        path = uri_path(raw["stores"][i]["prefix"])
-    audit_change(config, "credentials-remove", store=path, accessKeyId=args.access_key_id)
+        prefix = raw["stores"][i]["prefix"]
+    audit_change(config, "credentials-remove", store=prefix, accessKeyId=args.access_key_id)
     print(f"Removed credential {args.access_key_id}")
     return 0
 

@@ -89,10 +89,13 @@ def serve(
     try:
         if workers <= 1 and config.seal == "file":
             asyncio.run(serve_worker(config, sock, plain_http, None, announce))
-            return 0
-        return _supervise(config, sock, plain_http, workers, announce)
+            code = 0
+        else:
+            code = _supervise(config, sock, plain_http, workers, announce)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    log.info("stopped (exit status %d)", code)
+    return code
 
 
 def _supervise(config: Config, sock: socket.socket, plain_http: bool, workers: int, announce: Callable[[], object]) -> int:
@@ -305,7 +308,7 @@ class _Supervisor:
 
                 sidecar.run(sealed_copy(self.config), self.audit_rx, self.metrics_sock, tls=not self.plain_http, ready=ready)
             else:
-                shared = replace(self.shared, admin=slot == 0)
+                shared = replace(self.shared, first=slot == 0)
                 asyncio.run(serve_worker(self.config, self.sock, self.plain_http, shared, up))
             code = 0
         except XksError as exc:
@@ -320,6 +323,7 @@ class _Supervisor:
         except BaseException:
             log.exception("%s failed", _name(slot))
         finally:
+            logging.shutdown()  # the batched log lines of this child's last moments, then no atexit of the parent's
             os._exit(code)
 
     def _reap(self) -> None:

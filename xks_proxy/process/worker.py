@@ -23,11 +23,12 @@ from aiohttp import web
 from keymanager import create_key_manager
 from xks_proxy.access.audit import AuditLog
 from xks_proxy.access.connections import GuardedSite, Guards, redact_aiohttp_logs
-from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry
+from xks_proxy.access.metrics import Metrics, NoMetrics, exposition_app, with_cert_expiry, with_credential_age
 from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.access.throttle import BucketTable
 from xks_proxy.access.tls_transport import TlsSite
 from xks_proxy.config import Config, ConfigError
+from xks_proxy.process import logsink
 from xks_proxy.process.sockets import listen
 from xks_proxy.process.reload import Reloader
 from xks_proxy.server import XksServer
@@ -45,7 +46,7 @@ class Shared:
 
     workers: int
     audit_socket: socket.socket | None
-    admin: bool = False  # this worker runs the admin listener
+    first: bool = False  # worker 0: it runs the admin listener and alone logs proxy-wide events (a reload)
     buckets: BucketTable | None = None  # the stores' quotas, shared by all workers
 
 
@@ -98,6 +99,8 @@ async def start(
             tls = TlsManager(config, metrics)
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
+    if shared is not None and not shared.first:  # worker 0 tells a reload, once for the proxy
+        logsink.one_worker_says_proxy_wide()
     audit_log = AuditLog(config.audit, forward_to=shared.audit_socket if shared else None)
     key_manager = create_key_manager(config)
     server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
@@ -108,7 +111,7 @@ async def start(
         server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
     app = server.app()
-    if config.admin.enabled and (shared is None or shared.admin):
+    if config.admin.enabled and (shared is None or shared.first):
         from xks_proxy.admin import api as admin_api
 
         admin_api.attach(app, config, key_manager)
@@ -148,6 +151,7 @@ def _as_is(config: Config) -> Config:
 
 async def _serve_metrics(running: Running, metrics: Metrics, config: Config) -> int:
     registry = with_cert_expiry(metrics.registry, lambda: running.tls.expiry() if running.tls else {})
+    registry = with_credential_age(registry, config.home)  # as the sidecar serves it for several workers
     runner = web.AppRunner(exposition_app(registry), access_log=None)
     await runner.setup()
     running._runners.append(runner)
