@@ -1,4 +1,4 @@
-"""`serve --workers N`: one audit file, one metrics endpoint, SIGHUP to every worker, shared limits."""
+"""`serve --workers N`: one audit file, one metrics endpoint, SIGHUP to every worker, the in-flight cap split, the quota shared, a restarted worker up to date."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import Client, Home
 from tests.support.proxy import WORKTREE, Pki, edit_config, eventually, scrape, value, wait_for_line
+from tests.support.sealed_proxy import client, init, kill, round_trip, start
 from xks_proxy.access.throttle import Throttle
 
 # Process layout is the same whatever the backend: run once, on the vault.
@@ -96,11 +97,42 @@ async def test_two_workers_share_audit_metrics_and_reload(home: Home, tmp_path: 
     assert "Traceback" not in log.read_text()
 
 
-def test_each_worker_holds_its_share_of_the_limits(home: Home) -> None:
-    edit_config(
-        home.path,
-        lambda raw: (raw.update(throttle={"max_in_flight": 10}), raw["stores"][0].update(throttle={"rate": 0.004, "burst": 9})),
-    )
-    throttle = Throttle(home.config, workers=4)
-    assert throttle.max_in_flight == 3  # ceil(10 / 4)
-    assert sum(throttle.take("test") for _ in range(50)) == 3  # ceil(9 / 4); refill 0.001/s is nil meanwhile
+def test_each_worker_holds_its_share_of_the_in_flight_cap(home: Home) -> None:
+    edit_config(home.path, lambda raw: raw.update(throttle={"max_in_flight": 10}))
+    assert Throttle(home.config, workers=4).max_in_flight == 3  # ceil(10 / 4); the quota is shared: tests/access/test_throttle_workers.py
+
+
+async def test_a_restarted_worker_serves_the_configuration_of_now_not_of_the_start(tmp_path: Path) -> None:
+    """The supervisor read config.toml at start; a worker it restarts after an edit must serve the edit."""
+    home = init(tmp_path / "home", "--seal", "file")
+    assert home.run("keys", "create", "foo").returncode == 0
+    served = start(home.path, tmp_path / "serve.log", workers=2, http=True)
+    deny = [{"name": "no-encrypt", "effect": "deny", "kmsOperation": "Encrypt"}]
+    try:
+        async with client(home, served, http=True) as c:
+            await eventually(lambda: round_trip(c), deadline=15, what="the workers serve")
+            edit_config(home.path, lambda raw: raw["stores"][0].update(policy=deny))
+
+            async def denied_everywhere() -> bool:
+                return [(await c.encrypt("foo", b"x"))[0] for _ in range(10)] == [403] * 10
+
+            await eventually(denied_everywhere, deadline=10, what="every worker took up the edit")
+            statuses: list[int] = []
+            for _ in range(10):  # every child killed, every worker restarted from the supervisor's old config
+                before = set(served.children())
+                for pid in before:
+                    os.kill(pid, signal.SIGKILL)
+
+                async def restarted() -> bool:
+                    try:
+                        statuses.append((await c.encrypt("foo", b"x"))[0])
+                    except aiohttp.ClientError:
+                        return False
+                    return not before & set(served.children()) and len(served.children()) == 3
+
+                await eventually(restarted, deadline=15, what="the workers are back")
+            statuses += [(await c.encrypt("foo", b"x"))[0] for _ in range(10)]
+        assert served.stop() == 0
+    finally:
+        kill(served.proc)
+    assert statuses and set(statuses) <= {403, 503}, f"a restarted worker served the old configuration: {statuses}"

@@ -56,13 +56,18 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's cpuset), not all the host has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default: from config)")
     parser.add_argument("--port", type=int, help="port to listen on (default: from config)")
     parser.add_argument("--http", action="store_true", help="plain HTTP, for use behind a TLS-terminating load balancer")
     parser.add_argument(
-        "--workers", type=_at_least_one, default=os.cpu_count() or 1,
-        help="worker processes sharing the port (default: one per core)",
+        "--workers", type=_at_least_one, default=usable_cores(),
+        help="worker processes sharing the port (default: one per core this process may run on)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(

@@ -45,7 +45,11 @@ class Reloader:
         metrics: NoMetrics,
         interval: float = 0.5,
         overrides: Callable[[Config], Config] = lambda config: config,
+        catch_up: bool = False,
     ) -> None:
+        """`catch_up`: `config` may be older than config.toml (a worker forked from a supervisor that
+        loaded it at start, restarted after an edit): read the file once at the first round, and
+        apply it, silently, only if it differs."""
         self.config = overrides(config)
         #: What the process set over config.toml (the port it really serves on): applied to every
         #: reload too, so a reload does not undo it; changes are judged on the file's own values.
@@ -56,7 +60,8 @@ class Reloader:
         self._metrics = metrics
         self._interval = interval
         self._path = config.home / configmod.CONFIG_FILE
-        self._signature = self._stat()
+        self._signature = None if catch_up else self._stat()
+        self._catching_up = catch_up
         self._waiting = False
         self._wake = asyncio.Event()
         self._force = False
@@ -122,6 +127,9 @@ class Reloader:
             self._waiting = True
             return
         self._waiting = False
+        catching_up, self._catching_up = self._catching_up, False
+        if catching_up and loaded.raw == self.config.raw:
+            return  # what this process already serves: nothing to apply or tell
         before, self._file_settings = self._file_settings, _restart_only(loaded)
         for name, value in self._file_settings.items():
             if value != before[name]:

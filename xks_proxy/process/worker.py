@@ -106,7 +106,9 @@ async def start(
     server = XksServer(config, key_manager, metrics, workers=shared.workers if shared else 1)
     if shared is not None and shared.buckets is not None:
         server.throttle.share(shared.buckets)
-    reloader = Reloader(file_config, server.apply_config, tls, metrics, reload_interval, overrides=serving_port)
+    reloader = Reloader(
+        file_config, server.apply_config, tls, metrics, reload_interval, overrides=serving_port, catch_up=shared is not None
+    )  # a forked worker may be restarted long after the supervisor read config.toml
     if server.fleet is not None:
         server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
@@ -115,6 +117,8 @@ async def start(
         from xks_proxy.admin import api as admin_api
 
         admin_api.attach(app, config, key_manager)
+    if shared is not None:
+        await reloader.check()  # an edit made since the supervisor read config.toml holds before the first request
     try:
         guards = Guards(config.server)
         app.middlewares.append(guards.middleware)
