@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bench import procs, wrk
+from bench import presign, procs, wrk
 from bench.homes import Credential, Home, serve_baseline
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,8 +105,6 @@ class Context:
 
 def fetch_ciphertexts(server: Server, targets: list[tuple[Credential, str]]) -> dict[str, dict[str, Any]]:
     """One real ciphertext per (store, key) from the running proxy, to decrypt under load."""
-    from bench import presign
-
     out = {}
     for cred, key_id in targets:
         raw = presign.xks(server.port, cred, key_id, "encrypt", presign.encrypt_body(b"p" * presign.PLAINTEXT_BYTES))

@@ -24,7 +24,9 @@ def offer(ctx: Context, server: Server, requests: list[str]) -> dict[str, Any]:
     before = procs.cpu_seconds(server.all_pids())
     out = subprocess.run(procs.pinned(cmd, LOADGEN_CORE), capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
-    result["server_cpu_percent"] = round(100 * (procs.cpu_seconds(server.all_pids()) - before) / result["elapsed_s"], 1)
+    used = procs.cpu_seconds(server.all_pids()) - before
+    result["server_cpu_percent"] = round(100 * used / result["elapsed_s"], 1)
+    result["server_cpu_us_per_request"] = round(1e6 * used / max(result["completed"], 1), 1)
     return result
 
 
@@ -38,7 +40,7 @@ def openloop(ctx: Context) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in homes}
     with ExitStack() as stack:
         servers = {name: stack.enter_context(ctx.serving(home)) for name, home in homes.items()}
-        for _ in range(ctx.args.rounds):
+        for _ in range(ctx.args.openloop_rounds):
             for name, server in servers.items():
                 rounds[name].append(offer(ctx, server, signed(server, homes[name] or vault, "encrypt")()))
     out = {}

@@ -11,29 +11,31 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "n/a"
 
 
-def _row(label: str, r: dict[str, Any], base: dict[str, Any] | str | None) -> str:
-    """One wrk cell; `base` is the baseline cell it is compared with, or the ratio already computed."""
-    ratio = base if isinstance(base, str) else _ratio(r["rps"], base["rps"]) if base else "1.00"
-    return (f"| {label} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']} | "
-            f"{r['rss_mb_worker_peak']:.0f} | {r['server_cpu_percent']:.0f} | {r['wrk_cpu_percent']:.0f} |")  # fmt: skip
+def _row(label: str, r: dict[str, Any]) -> str:
+    """One wrk cell, with its ratios to its baseline cell (medians over rounds [min-max]) if it has one."""
+    ratio = f"{r['ratio']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if "ratio" in r else "1.00"
+    cpu_ratio = f"{r['cpu_ratio']:.2f}" if r.get("cpu_ratio") else ("1.00" if "ratio" not in r else "n/a")
+    return (f"| {label} | {r['rps']:.0f} | {ratio} | {r['server_cpu_us_per_request']:.0f} | {cpu_ratio} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']} | {r['rss_mb_worker_peak']:.0f} | {r['server_cpu_percent']:.0f} | "
+            f"{r['wrk_cpu_percent']:.0f} |")  # fmt: skip
 
 
-HEAD = ("| cell | req/s | vs baseline | p50 ms | p99 ms | p99.9 ms | errors | worker RSS MB | server CPU % | wrk CPU % |\n"
-        "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-
-
-def _ratio_of(r: dict[str, Any]) -> str:
-    return f"{r['ratio']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if "ratio" in r else "1.00"
+HEAD = ("| cell | req/s | vs baseline | server CPU µs/req | CPU vs baseline | p50 ms | p99 ms | p99.9 ms | errors | worker RSS MB | "
+        "server CPU % | wrk CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+EXPLAIN = ("req/s vs baseline: median over the rounds of the ratio to the baseline cell measured just before [min-max]. "
+           "CPU vs baseline: the baseline's server CPU per request over this cell's (median over rounds): the throughput "
+           "ratio a quiet machine would give with the server CPU-bound, since it does not depend on the share of the core the "
+           "server got. server CPU %: of one core, all the server's processes; wrk CPU %: the generator's, from its rusage.")
 
 
 def headline(h: dict[str, Any]) -> list[str]:
     rounds = len(h["baseline encrypt"]["rounds_rps"])
     lines = ["### Headline: one worker on core 0, wrk -t1 -c32 on core 1, 256 B plaintext + 64 B AAD, plain HTTP, default logging and audit", "",
-             f"Medians of {rounds} interleaved rounds; vs baseline is the median of the rounds' ratios [min-max].", "", HEAD]  # fmt: skip
+             f"Medians of {rounds} interleaved rounds. {EXPLAIN}", "", HEAD]  # fmt: skip
     for name, r in h.items():
         kind, op = name.split()
         label = "baseline (minimal aiohttp)" if kind == "baseline" else {"pkcs11": "SoftHSMv2"}.get(kind, kind)
-        lines.append(_row(f"{label}, {NAMES[op]}", r, _ratio_of(r)))
+        lines.append(_row(f"{label}, {NAMES[op]}", r))
     base = ", ".join(f"{v:.0f}" for v in h["baseline encrypt"]["rounds_rps"])
     lines += ["", f"Noise: the baseline's Encrypt rounds gave {base} req/s."]
     if "pkcs11 encrypt" in h:
@@ -45,21 +47,28 @@ def headline(h: dict[str, Any]) -> list[str]:
 def openloop(o: dict[str, Any]) -> list[str]:
     lines = ["### Open loop: Encrypt offered at a fixed rate (bench/loadgen.py, 64 connections), one worker on core 0, generator on core 1", "",
              "Medians over the rounds; each round's p99 in the last column.", "",
-             "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | server CPU % | generator CPU % | p99 per round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | server CPU % | server CPU µs/req | generator CPU % | p99 per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in o.items():
         lines.append(f"| {name} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['p999_ms']:.2f} | {r['max_ms']:.2f} | {r['errors']} | {r['server_cpu_percent']:.0f} | {r['loadgen_cpu_percent']:.0f} | "
+                     f"{r['p999_ms']:.2f} | {r['max_ms']:.2f} | {r['errors']} | {r['server_cpu_percent']:.0f} | {r['server_cpu_us_per_request']:.0f} | {r['loadgen_cpu_percent']:.0f} | "
                      f"{', '.join(f'{v:.1f}' for v in r['rounds_p99_ms'])} |")  # fmt: skip
+    for name, r in o.items():
+        if r["achieved_rps"] < 0.98 * r["offered_rps"]:
+            need = r["server_cpu_us_per_request"] * r["offered_rps"] / 1e4
+            why = ("more than its one core: CPU-bound" if need > 100 else
+                   "the rest of the core went to other work" if r["server_cpu_percent"] < 90 else "CPU-bound")  # fmt: skip
+            lines.append(f"\n{name} did not keep up: at {r['server_cpu_us_per_request']:.0f} µs of CPU per request, {r['offered_rps']:.0f}/s "
+                         f"needs {need:.0f}% of a core; it got {r['server_cpu_percent']:.0f}% ({why}).")  # fmt: skip
     return lines
 
 
 def scaling(s: dict[str, Any]) -> list[str]:
     lines = ["### How cost grows: vault, Encrypt; one pinned worker (each cell right after the pinned baseline) unless unpinned", "",
-             "The 256 B cell is the reference: compare the other cells' ratios with its ratio.", "", HEAD]  # fmt: skip
+             "The 256 B cell is the reference (1 key, 1 store): compare the other cells' ratios with its ratios. " + EXPLAIN, "", HEAD]  # fmt: skip
     for label, r in s.items():
         if not label.startswith("baseline before"):
-            lines.append(_row(label, r, _ratio_of(r)))
+            lines.append(_row(label, r))
     return lines
 
 
@@ -91,7 +100,8 @@ def profile(p: dict[str, Any]) -> list[str]:
              f"{p['samples']} samples; throughput {without:.0f} req/s without the profiler, {under:.0f} with it.", "",
              "| category | share of the worker's samples |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v:.1f}% |" for k, v in p["percent"].items()]
-    lines += ["", "Largest leaves in \"other\": " + "; ".join(f"{k} {v:.1f}%" for k, v in p["other_top_leaves_percent"].items())]
+    leaves = "; ".join(f"{k} {v:.1f}%" for k, v in p["other_top_leaves_percent"].items()) or "none"
+    lines += ["", f"Largest leaves in \"other\": {leaves}. Threads waiting ({p['idle_thread_samples_left_out']} samples) are left out."]
     return lines
 
 

@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", default="vault,pkcs11", help="comma-separated: vault, pkcs11 (SoftHSMv2)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--openloop-duration", type=int, default=10, help="seconds per open-loop cell")
+    parser.add_argument("--openloop-rounds", type=int, default=2, help="rounds of the open-loop cells")
     parser.add_argument("--profile-duration", type=int, default=12, help="seconds py-spy samples the worker")
     parser.add_argument("--rate", type=float, default=1800, help="open-loop offered rate")
     args = parser.parse_args()

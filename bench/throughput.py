@@ -7,7 +7,9 @@ aiohttp app measured the same way.
 The machine is shared with other work, whose bursts move a cell by tens of percent. So the
 servers of a part run side by side (all pinned to core 0, one loaded at a time), every cell is
 measured right after its baseline cell, in several rounds, and each ratio is the median of the
-rounds' ratios (with their min and max: the noise).
+rounds' ratios (with their min and max: the noise). Beside it, the CPU ratio: the baseline's server
+CPU time per request over the proxy's, which does not depend on how much of the core the server
+got, so it is what the throughput ratio would be on a quiet machine with the server CPU-bound.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def interleaved(ctx: Context, cells: dict[str, Cell], duration: float, rounds_wa
         if cell.baseline:
             ratios = sorted(r["rps"] / b["rps"] for r, b in zip(rounds[name], rounds[cell.baseline]))
             out[name].update(ratio=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3), ratio_max=round(ratios[-1], 3))
+            cpu = [b["server_cpu_us_per_request"] / r["server_cpu_us_per_request"] for r, b in zip(rounds[name], rounds[cell.baseline])
+                   if r["server_cpu_us_per_request"] and b["server_cpu_us_per_request"]]  # fmt: skip
+            out[name]["cpu_ratio"] = round(statistics.median(cpu), 3) if cpu else None
     return out
 
 

@@ -47,6 +47,7 @@ def run(url: str, raw_requests: list[str], duration: float, connections: int, wo
     stats = json.loads(line[len("WRKJSON ") :])
     seconds = stats["duration_us"] / 1e6
     wrk_cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    server_cpu = server_after - server_before
     return {
         "rps": round(stats["requests"] / seconds, 1),
         "p50_ms": stats["p50_us"] / 1000,
@@ -54,5 +55,7 @@ def run(url: str, raw_requests: list[str], duration: float, connections: int, wo
         "p999_ms": stats["p999_us"] / 1000,
         "errors": stats["errors_status"] + stats["errors_other"],
         "wrk_cpu_percent": round(100 * wrk_cpu / seconds, 1),
-        "server_cpu_percent": round(100 * (server_after - server_before) / seconds, 1),
+        "server_cpu_percent": round(100 * server_cpu / seconds, 1),
+        # What a request costs the server whatever share of the core it got: robust to other load.
+        "server_cpu_us_per_request": round(1e6 * server_cpu / stats["requests"], 1) if stats["requests"] else None,
     }
