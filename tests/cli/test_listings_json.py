@@ -3,7 +3,7 @@
 Real `xks-proxy` subprocesses on a real home: a key listed is the object `keys show` and the admin
 API give; a store's credentials are the objects `credentials list --json` gives; a key version
 names encryptions performed apart from encryptions reserved, performed counted by a real server.
-No output ever holds a secret.
+Without --json each listing is text for a person. No output ever holds a secret.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.admin.test_admin import _admin_config, _claims
 from tests.conftest import Home
+from tests.support.admin import admin_config, claims
 from tests.support.lifecycle import acli, cli, cli_json, serving
 
 pytestmark = pytest.mark.vault_only  # stores, credentials and key versions are the vault home's
@@ -30,6 +30,14 @@ VERSION_FIELDS = {"version", "created", "current", "countedSince", "encryptionsP
 def _added_secret(stdout: str) -> str:
     """The secret `credentials add` / `stores add` print once (the one place they may)."""
     return next(line.split(":", 1)[1].strip() for line in stdout.splitlines() if "secret access key:" in line)
+
+
+def _version_rows(text: str) -> list[list[str]]:
+    """The cells under `keys versions`' header line, which must name performed and reserved apart."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("VERSION"))
+    assert lines[header].split() == ["VERSION", "STATE", "CREATED", "PERFORMED", "RESERVED"]
+    return [line.split() for line in lines[header + 1 :] if line[:1].isdigit()]
 
 
 def test_stores_and_credentials_list_json_share_one_credential_shape_and_no_secret(home: Home) -> None:
@@ -69,8 +77,8 @@ async def test_key_versions_name_encryptions_performed_and_reserved(home: Home, 
     """Performed: counted by the serving process, so known through its admin API, unknown (null) from the vault."""
     secret = secrets.token_hex(32)
     (home.path / "admin-jwt.secret").write_text(secret + "\n")
-    _admin_config(home, hs256_secret_file="admin-jwt.secret")
-    (tmp_path / "token").write_text(jwt.encode(_claims(role="viewer"), secret, algorithm="HS256"))
+    admin_config(home, hs256_secret_file="admin-jwt.secret")
+    (tmp_path / "token").write_text(jwt.encode(claims(role="viewer"), secret, algorithm="HS256"))
     async with serving(home) as live:
         for _ in range(3):
             assert (await live.client.encrypt("foo", b"counted"))[0] == 200
@@ -79,6 +87,8 @@ async def test_key_versions_name_encryptions_performed_and_reserved(home: Home, 
         rc, out, err = await acli("keys", "versions", "foo", "--json", *admin)
         assert rc == 0, err
         (served,) = json.loads(out)["versions"]
+        rc, text, err = await acli("keys", "versions", "foo", *admin)
+        assert rc == 0, err
         rc, out, err = await acli("keys", "list", "--json", *admin)
         assert rc == 0, err
         through_api = json.loads(out)
@@ -86,9 +96,25 @@ async def test_key_versions_name_encryptions_performed_and_reserved(home: Home, 
     assert served["encryptionsReserved"] == home.config.vault.count_block  # reserved a whole block ahead of use
     assert set(served) == VERSION_FIELDS | {"encryptionsByThisServer"}
     assert through_api == cli_json("keys", "list", "--json", home=home.path)  # the admin API's key objects, the same
+    assert _version_rows(text) == [["1", "current", served["created"], "3", str(served["encryptionsReserved"])]]
+    assert "performed: counted by a running server" not in text  # a server answered: performed is known
     local = cli_json("keys", "versions", "foo", "--json", home=home.path)
-    assert local == cli_json("keys", "versions", "foo", home=home.path)  # JSON is this command's default too
     (version,) = local["versions"]
     assert set(version) == VERSION_FIELDS
     assert version["encryptionsPerformed"] is None  # the vault holds reservations, not uses
     assert version["encryptionsReserved"] == 3  # the server gave back its unused block when it stopped
+
+
+def test_key_versions_print_a_table_by_default_and_json_with_the_flag(home: Home) -> None:
+    """For a person, the columns say which count is which; from the vault alone performed is unknown, and said so."""
+    assert cli("keys", "rotate", "foo", home=home.path).returncode == 0
+    shown = cli("keys", "versions", "foo", home=home.path)
+    assert shown.returncode == 0, shown.stderr
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(shown.stdout)
+    versions = cli_json("keys", "versions", "foo", "--json", home=home.path)["versions"]
+    assert [v["version"] for v in versions] == [1, 2] and all(set(v) == VERSION_FIELDS for v in versions)
+    expected = [[str(v["version"]), state, v["created"], "unknown", str(v["encryptionsReserved"])]
+                for v, state in zip(versions, ("decrypt-only", "current"))]  # fmt: skip
+    assert _version_rows(shown.stdout) == expected
+    assert shown.stdout.splitlines()[-1] == "performed: counted by a running server; ask it with --admin-url"

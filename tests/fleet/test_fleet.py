@@ -218,7 +218,7 @@ async def test_encryption_limit_holds_across_two_proxies(
         assert status == 200 and unb64(body["plaintext"]) == b"n%d" % i
     a.stop()
     b.stop()
-    rc, out, err = await acli("keys", "versions", "foo", home=home_a.path)
+    rc, out, err = await acli("keys", "versions", "foo", "--json", home=home_a.path)
     assert rc == 0, err
     reserved = {v["version"]: v["encryptionsReserved"] for v in json.loads(out)["versions"]}
     assert all(n <= 40 for n in reserved.values()), reserved

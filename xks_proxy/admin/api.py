@@ -299,13 +299,18 @@ class AdminApi:
         return lambda: simple[action](key_id)
 
     def _add_live_counts(self, store: str, key_id: str | None, result: dict[str, Any]) -> None:
-        """This server's exact encryptions per version since it started (the vault holds upper bounds)."""
+        """This server's exact encryptions per version since it started (the vault holds upper bounds).
+
+        Named `encryptionsPerformed`, as `keys versions --json` names it, so a version object has one
+        shape wherever it is shown (`encryptionsByThisServer` is kept for existing API clients).
+        """
         counts = getattr(self._key_manager, "usage_counts", None)
         if counts is None or key_id is None:
             return
         live = counts(store, key_id)
         for version in result["versions"]:
-            version["encryptionsByThisServer"] = live.get(version["version"], 0)
+            performed = live.get(version["version"], 0)
+            version["encryptionsPerformed"] = version["encryptionsByThisServer"] = performed
 
 
 _MISSING = object()

@@ -2,9 +2,10 @@
 
 Every action is a `KeyLifecycle` call (`_lifecycle`): the admin API client with --admin-url,
 else the configured backend's full lifecycle (the vault: versions, deletion, BYOK, and due
-deletions swept first) or the plain `KeyAdminLifecycle` over its `KeyAdmin` (an HSM). Results
-print as JSON (`keys list`: one line per key, or with --json the array of the objects `keys
-show` prints); refusals are one line. Lifecycle actions are audited, from the CLI too.
+deletions swept first) or the plain `KeyAdminLifecycle` over its `KeyAdmin` (an HSM). A single
+key's results print as JSON; the listings print for a person unless --json asks for JSON (`keys
+list`: one line per key, `keys versions`: a table of each version's encryptions performed and
+reserved); refusals are one line. Lifecycle actions are audited, from the CLI too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from keymanager.base import KeyAdminError
 from keymanager.crypto_transfer import WRAPPING_ALGORITHMS, WRAPPING_KEY_SPECS
 from xks_proxy import config as configmod
 from xks_proxy.cli.common import CommandError, actor, load
-from xks_proxy.cli.nouns import add_json_flag, print_listing
+from xks_proxy.cli.nouns import add_json_flag, print_listing, table
 
 if TYPE_CHECKING:
     from xks_proxy.admin.lifecycle import KeyLifecycle
@@ -47,13 +48,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         ("disable", "disable a key (crypto refused, metadata says DISABLED)"),
         ("enable", "enable a disabled key"),
         ("rotate", "add a new key version; old ciphertexts keep decrypting"),
-        ("versions", "a key's versions: creation time, encryptions performed and reserved (JSON)"),
+        ("versions", "a key's versions: creation time, encryptions performed and reserved"),
         ("cancel-deletion", "cancel a scheduled deletion (the key becomes DISABLED)"),
     ):
         action = keys.add_parser(name, parents=[store_arg], help=helptext)
         action.add_argument("key_id")
         if name == "versions":
-            action.add_argument("--json", action="store_true", help="JSON (the default here, as for every single key)")
+            add_json_flag(action)
         action.set_defaults(func=_ACTIONS[name], action_name=name)
     schedule = keys.add_parser(
         "schedule-deletion", parents=[store_arg], help="destroy a key after a waiting period (crypto refused meanwhile)"
@@ -167,18 +168,37 @@ def _key_line(info: dict[str, Any]) -> str:
     return line + (f"\tdeletion={info['deletionDate']}" if info.get("deletionDate") else "")
 
 
-def _versions(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, Any]:
+def _versions(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, Any] | None:
     """The key's versions, each naming encryptions performed apart from encryptions reserved.
 
     The vault holds only reservations (`encryptionsReserved`, an upper bound for every server
-    together); the encryptions performed are counted in a serving process's memory, so only
-    the admin API can tell them (`encryptionsByThisServer`, the answering server since it
-    started). From the local vault, `encryptionsPerformed` is null: unknown, not zero.
+    together); the encryptions performed are counted in a serving process's memory, so only the
+    admin API can tell them (its `encryptionsPerformed`). The local vault's version objects leave
+    them out: here they are null, unknown rather than zero. Printed as a table, or JSON (--json).
     """
     result = keys.versions(args.key_id)
     for version in result["versions"]:
-        version["encryptionsPerformed"] = version.get("encryptionsByThisServer")
-    return result
+        version.setdefault("encryptionsPerformed", None)
+    if args.json:
+        return result
+    print(f"key {result['keyId']} in store {result['store']}: encryptions per version")
+    rows = [_version_row(version) for version in result["versions"]]
+    print("\n".join(table(("VERSION", "STATE", "CREATED", "PERFORMED", "RESERVED"), rows)))
+    if any(version["encryptionsPerformed"] is None for version in result["versions"]):
+        print("performed: counted by a running server; ask it with --admin-url")
+    return None
+
+
+def _version_row(version: dict[str, Any]) -> tuple[str, ...]:
+    """A version's cells: only the current version encrypts, every version decrypts."""
+    performed = version["encryptionsPerformed"]
+    return (
+        str(version["version"]),
+        "current" if version["current"] else "decrypt-only",
+        version["created"] or "-",
+        "unknown" if performed is None else str(performed),
+        str(version["encryptionsReserved"]),
+    )
 
 
 def _get_import_params(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, object]:

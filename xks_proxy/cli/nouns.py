@@ -3,14 +3,15 @@
 A key and a key version are the lifecycle's own objects (`KeyInfo.to_json`, `VersionInfo.to_json`,
 what the admin API answers too); a key store and a credential are built here, once, for
 `stores list --json` and `credentials list --json` alike. A credential object never holds its
-secret: only `stores add`, `credentials add` and `stores export` print one.
+secret: only `stores add`, `credentials add` and `stores export` print one. Without `--json` a
+listing is for a person: one line per object, or a table whose columns say what they count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from keymanager.base import iso_time
 from xks_proxy.config import Credential, Store
@@ -53,3 +54,10 @@ def print_listing(items: Iterable[dict[str, Any]], as_json: bool, line: Callable
         return
     for obj in objects:
         print(line(obj))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Rows under named columns, aligned, so a person reads which number is which (scripts use --json)."""
+    cells = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]

@@ -218,7 +218,7 @@ async def test_schema_1_vault_upgrades_in_place(home: Home) -> None:
     conn = sqlite3.connect(home.path / "vault.db")
     assert conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (2,)
     conn.close()
-    versions = cli_json("keys", "versions", "old", home=home.path)["versions"]
+    versions = cli_json("keys", "versions", "old", "--json", home=home.path)["versions"]
     assert len(versions) == 1 and versions[0]["encryptionsReserved"] == 1
     since = time.mktime(time.strptime(versions[0]["countedSince"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
     assert since >= started - 5  # counting starts at the upgrade, not at creation an hour ago

@@ -61,13 +61,13 @@ async def test_rotate_and_versions(home: Home) -> None:
         for enc, plain in ((old, b"v1 data"), (new, b"v2 data")):
             status, body = await client.decrypt("foo", enc)
             assert status == 200 and unb64(body["plaintext"]) == plain
-        rc, out, err = await acli("keys", "versions", "foo", home=home.path)
+        rc, out, err = await acli("keys", "versions", "foo", "--json", home=home.path)
         assert rc == 0, err
         versions = json.loads(out)["versions"]
         assert [(v["version"], v["current"]) for v in versions] == [(1, False), (2, True)]
         assert all(v["created"] and v["encryptionsReserved"] >= 1 for v in versions)
     # After a clean shutdown the unused reservations are given back: the counts are exact.
-    versions = cli_json("keys", "versions", "foo", home=home.path)["versions"]
+    versions = cli_json("keys", "versions", "foo", "--json", home=home.path)["versions"]
     assert {v["version"]: v["encryptionsReserved"] for v in versions} == Counter(_version(e) for e in made)
 
 
@@ -96,7 +96,7 @@ async def test_automatic_rotation_at_the_threshold(home: Home) -> None:
         assert all(r <= 5 for r in _reserved(home).values())
     exact = _reserved(home)
     assert {v: n for v, n in exact.items() if n} == dict(per_version)  # exact after a clean shutdown
-    listed = cli_json("keys", "versions", "foo", home=home.path)["versions"]
+    listed = cli_json("keys", "versions", "foo", "--json", home=home.path)["versions"]
     assert [v["current"] for v in listed].count(True) == 1 and listed[-1]["current"]
 
 
