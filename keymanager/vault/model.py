@@ -73,6 +73,7 @@ class VersionInfo:
             "created": iso_time(self.created_at),
             "current": self.current,
             "encryptionsReserved": self.reserved,
+            "encryptionsPerformed": None,  # counted in a serving process's memory: the admin API tells it
             "countedSince": iso_time(self.counted_since),
         }
 

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -18,28 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from tests.conftest import Home, metadata
-from tests.support.admin import admin_config, claims
+from tests.support.admin import Admin, admin_config, claims
 from tests.support.lifecycle import acli, serving, wait_for
 
 pytestmark = pytest.mark.vault_only  # lifecycle lives in the vault; PKCS#11 keys live in the HSM
-
-# tests/keymanager/vault/test_vault_postgres.py still imports these two names from here.
-_admin_config, _claims = admin_config, claims
-
-
-class Admin:
-    def __init__(self, session: ClientSession, port: int, ca: Path) -> None:
-        self.session, self.base = session, f"https://127.0.0.1:{port}/admin/v1"
-        self.tls = ssl.create_default_context(cafile=str(ca))
-
-    async def call(self, method: str, path: str, token: str | None, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        async with self.session.request(method, self.base + path, data=data, headers=headers, ssl=self.tls) as resp:
-            text = await resp.text()
-            assert "\n" not in text.strip()
-            return resp.status, json.loads(text)
-
 
 async def test_hs256_roles_checks_and_audit(home: Home, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="xks_proxy.audit")

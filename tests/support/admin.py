@@ -6,8 +6,13 @@ so a change to what the admin API requires of a token is made here once.
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
+from pathlib import Path
 from typing import Any
+
+from aiohttp import ClientSession
 
 from tests.conftest import Home
 from tests.support.lifecycle import patch_config
@@ -36,3 +41,19 @@ def claims(role: str | None = "admin", sub: str = "alice", **changes: Any) -> di
     values: dict[str, Any] = {"sub": sub, "aud": AUD, "iss": ISS, "exp": int(time.time()) + 300, "role": role}
     values.update(changes)
     return {k: v for k, v in values.items() if v is not None}
+
+
+class Admin:
+    """The admin API over HTTPS (the home's dev CA): `call` returns (status, the one-line JSON answer)."""
+
+    def __init__(self, session: ClientSession, port: int, ca: Path) -> None:
+        self.session, self.base = session, f"https://127.0.0.1:{port}/admin/v1"
+        self.tls = ssl.create_default_context(cafile=str(ca))
+
+    async def call(self, method: str, path: str, token: str | None, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        async with self.session.request(method, self.base + path, data=data, headers=headers, ssl=self.tls) as resp:
+            text = await resp.text()
+            assert "\n" not in text.strip()
+            return resp.status, json.loads(text)

@@ -173,12 +173,10 @@ def _versions(keys: "KeyLifecycle", args: argparse.Namespace) -> dict[str, Any] 
 
     The vault holds only reservations (`encryptionsReserved`, an upper bound for every server
     together); the encryptions performed are counted in a serving process's memory, so only the
-    admin API can tell them (its `encryptionsPerformed`). The local vault's version objects leave
-    them out: here they are null, unknown rather than zero. Printed as a table, or JSON (--json).
+    admin API can tell them (its `encryptionsPerformed`); the local vault's version objects have
+    them null, unknown rather than zero. Printed as a table, or JSON (--json).
     """
     result = keys.versions(args.key_id)
-    for version in result["versions"]:
-        version.setdefault("encryptionsPerformed", None)
     if args.json:
         return result
     print(f"key {result['keyId']} in store {result['store']}: encryptions per version")

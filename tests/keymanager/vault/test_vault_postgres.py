@@ -25,7 +25,7 @@ from keymanager.vault.storage import StorageUnavailable
 from tests.conftest import REGION, Client, Home, metadata, unb64
 from tests.support.fleet import DSN_PASSWORD, dsn_with_password, pg_home, write_dsn_file
 from tests.support.lifecycle import acli, cli, serving, wait_for
-from tests.admin.test_admin import Admin, _admin_config, _claims
+from tests.support.admin import Admin, admin_config, claims
 from xks_proxy import config as configmod
 from xks_proxy.cli.home import init_home
 from tests.support.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
@@ -305,8 +305,8 @@ async def test_database_down_spends_only_reserved_counts_then_refuses_retryably(
     home.create_key("foo")
     jwt_secret = "s" * 40
     (home.path / "admin-jwt.secret").write_text(jwt_secret)
-    _admin_config(home, hs256_secret_file="admin-jwt.secret")
-    token = jwt.encode(_claims(), jwt_secret, algorithm="HS256")
+    admin_config(home, hs256_secret_file="admin-jwt.secret")
+    token = jwt.encode(claims(), jwt_secret, algorithm="HS256")
     try:
         async with serving(home) as live, ClientSession() as session:
             client = live.client
