@@ -51,7 +51,7 @@ def openloop(o: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in o.items():
         lines.append(f"| {name} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['p999_ms']:.2f} | {r['max_ms']:.2f} | {r['errors']} | {r['server_cpu_percent']:.0f} | {r['server_cpu_us_per_request']:.0f} | {r['loadgen_cpu_percent']:.0f} | "
+                     f"{r['p999_ms']:.2f} | {r['max_ms']:.2f} | {r['errors']:.0f} | {r['server_cpu_percent']:.0f} | {r['server_cpu_us_per_request']:.0f} | {r['loadgen_cpu_percent']:.0f} | "
                      f"{', '.join(f'{v:.1f}' for v in r['rounds_p99_ms'])} |")  # fmt: skip
     for name, r in o.items():
         if r["achieved_rps"] < 0.98 * r["offered_rps"]:
