@@ -110,7 +110,12 @@ def render(results: dict[str, Any]) -> str:
     out = [f"Measured {results['started']} on {m['cpus']} cores ({m['processor']}), Python {m['python']}; "
            f"{s['duration']} s per headline and profile cell, {s['openloop_duration']} s per open-loop cell, "
            f"{s['scaling_duration']} s per scaling and local KMS cell. "
-           "Other work shared the machine: compare ratios within this run, not absolute numbers across runs.", ""]  # fmt: skip
+           "Other work shared the machine: compare ratios within this run, not absolute numbers across runs."]  # fmt: skip
+    if "code" in results:
+        c = results["code"]
+        dirty = ", ".join(c["uncommitted_product_files"])
+        out.append(f"Code: {c['commit']}" + (f" plus uncommitted changes to {dirty}." if dirty else "."))
+    out.append("")
     for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile"):
         if part in results["parts"]:
             out += globals()[part](results["parts"][part]) + [""]

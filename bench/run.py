@@ -26,13 +26,15 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from bench import kmschain, memory, openloop, profile, report, throughput  # noqa: E402
 from bench.context import RESULTS, Context  # noqa: E402
@@ -79,10 +81,19 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "processor": model}
 
 
+def code() -> dict[str, Any]:
+    """Which code was measured: the commit, and product files changed on disk but not committed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip("\n")
+
+    dirty = git("status", "--porcelain", "--", "xks_proxy", "keymanager").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_product_files": [line[3:] for line in dirty]}
+
+
 def main() -> None:
     args = parse_args()
     results: dict[str, Any] = {"started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                               "machine": machine(), "settings": vars(args), "parts": {}, "seconds": {}}  # fmt: skip
+                               "machine": machine(), "code": code(), "settings": vars(args), "parts": {}, "seconds": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="xks-bench-") as tmp:
         ctx = Context(args, Path(tmp))
         for name in args.only.split(","):
