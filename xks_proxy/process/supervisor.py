@@ -94,7 +94,8 @@ def serve(
             code = _supervise(config, sock, plain_http, workers, announce)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    log.info("stopped (exit status %d)", code)
+    if code == 0:  # a start that failed said why in its one line
+        log.info("stopped")
     return code
 
 
