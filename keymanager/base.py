@@ -132,6 +132,17 @@ class KeyManager(abc.ABC):
     async def health(self) -> list[EkmHealth]:
         """A deep check: a real encrypt+decrypt on an internal key no KMS key can address."""
 
+    def gcm_invocations_ratio(self) -> float | None:
+        """How near the most used key is to the AES-GCM invocation limit, for the metrics.
+
+        AES-GCM with random 96-bit IVs allows 2^32 encryptions under one key (NIST SP 800-38D);
+        this is the highest fraction of that limit spent by a key version this manager encrypts
+        with (0.0 to 1.0). None: the backend does not count its encryptions (an HSM makes its
+        own IVs and keeps its own limits), so there is nothing to report. Called every few
+        seconds on the event loop: answered from memory, never from storage.
+        """
+        return None
+
 
 # --- administration (the CLI's view of a backend) -----------------------------------------------
 

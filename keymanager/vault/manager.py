@@ -45,6 +45,11 @@ from keymanager.vault.model import (
 
 log = logging.getLogger("xks_proxy.vault")
 
+#: (store, key id, version) -> encryptions the vault has reserved for that version.
+Reserved = dict[tuple[str, str, int], int]
+#: What a load gives `_install`: the generation, every key, and the reserved counts.
+Loaded = tuple[int, dict[tuple[str, str], LoadedKey], Reserved]
+
 
 class VaultKeyManager(KeyManager):
     """Serves keys from memory, reloading when the vault's generation counter moves.
@@ -82,6 +87,8 @@ class VaultKeyManager(KeyManager):
         self._db_lock = threading.Lock()
         self._keys: dict[tuple[str, str], LoadedKey] = {}
         self._counters: dict[tuple[str, str, int], UsageCounter] = {}
+        #: The vault's reserved count per version, as last read (never lowered: an upper bound).
+        self._vault_reserved: Reserved = {}
         #: In-flight reservation per key, and whether it may rotate (only when a request waits on it).
         self._reserving: dict[tuple[str, str], tuple[asyncio.Task[int], bool]] = {}
         self._generation = -1
@@ -97,7 +104,7 @@ class VaultKeyManager(KeyManager):
             raise InternalException("the master key does not open this vault (health key unreadable)")
         self._task = asyncio.create_task(self._watch())
 
-    async def _open_and_load(self) -> tuple[int, dict[tuple[str, str], LoadedKey]]:
+    async def _open_and_load(self) -> Loaded:
         """Open the vault and load every key; a database that cannot be reached is retried, said once."""
         waiting = False
         while True:
@@ -115,12 +122,18 @@ class VaultKeyManager(KeyManager):
                 log.warning("vault database reachable again; keys loaded")
             return loaded
 
-    def _open_sync(self) -> tuple[int, dict[tuple[str, str], LoadedKey]]:
+    def _open_sync(self) -> Loaded:
         with self._db_lock:
             if self._db is None:
                 self._db = VaultDB.open(self._path, self._master, self._dsn)
             self._db.sweep(actor="xks-proxy server")
-            return self._db.load()
+            return *self._db.load(), self._read_reserved()
+
+    def _read_reserved(self, store: str | None = None, key_id: str | None = None) -> Reserved:
+        """Every version's (or one key's) reserved count: all proxies' and all runs', under the lock."""
+        assert self._db is not None
+        with self._db.storage.read() as tx:
+            return {(v.store, v.key_id, v.version): v.reserved for v in tx.versions(store, key_id)}
 
     async def close(self) -> None:
         if self._task:
@@ -151,10 +164,11 @@ class VaultKeyManager(KeyManager):
                 except Exception:  # the reservation stays an upper bound: safe, just not exact
                     log.exception("could not give back unused encryption counts of %s/%s v%d", store, key_id, version)
 
-    def _install(self, generation: int, keys: dict[tuple[str, str], LoadedKey]) -> None:
+    def _install(self, generation: int, keys: dict[tuple[str, str], LoadedKey], reserved: Reserved) -> None:
         """Swap in a loaded key set (on the event loop), keeping this process's counters."""
         if generation < self._generation:
             return  # a slower, older load finished after a newer one
+        self._vault_reserved = {k: max(count, self._vault_reserved.get(k, 0)) for k, count in reserved.items()}
         for (store, key_id), key in keys.items():
             if key.current is not None:
                 key.counter = self._counters.setdefault((store, key_id, key.current), UsageCounter())
@@ -195,13 +209,13 @@ class VaultKeyManager(KeyManager):
             self._install(*loaded)
             log.info("vault reloaded: generation %d, %d keys", self._generation, len(self._keys) - 1, extra=PROXY_WIDE)
 
-    def _load_if_changed(self, force: bool) -> tuple[int, dict[tuple[str, str], LoadedKey]] | None:
+    def _load_if_changed(self, force: bool) -> Loaded | None:
         with self._db_lock:
             if self._db is None:
                 return None  # closed meanwhile
             destroyed = self._db.sweep(actor="xks-proxy server")
             if force or destroyed or self._db.generation() != self._generation:
-                return self._db.load()
+                return *self._db.load(), self._read_reserved()
             return None
 
     def _key(self, store: str, key_id: str) -> LoadedKey:
@@ -263,19 +277,24 @@ class VaultKeyManager(KeyManager):
         if not task.cancelled():
             task.exception()  # logged in _do_reserve; waiters get it, a background refill just drops it
 
-    def _reserve_locked(self, store: str, key_id: str, block: int, limit: int, may_rotate: bool) -> Grant:
-        """The reservation transaction (in a worker thread), never on a closed connection."""
+    def _reserve_locked(self, store: str, key_id: str, block: int, limit: int, may_rotate: bool) -> tuple[Grant, Reserved]:
+        """The reservation (in a worker thread, never on a closed connection), then the key's reserved counts."""
         with self._db_lock:
             if self._db is None:
                 raise InternalException("the vault is closed")
-            return self._db.reserve(store, key_id, block, limit, may_rotate)
+            grant = self._db.reserve(store, key_id, block, limit, may_rotate)
+            try:
+                return grant, (self._read_reserved(store, key_id) if grant.count else {})
+            except Exception as exc:  # only the metrics lose: they count this grant from memory
+                log.warning("could not read the reserved encryption counts of %s/%s: %s", store, key_id, exc)
+                return grant, {}
 
     async def _do_reserve(self, store: str, key_id: str, may_rotate: bool) -> int:
         """One reservation transaction; installs the grant. Rotation only when a request is waiting."""
         assert self._db is not None
         block, limit = self._block, self._rotate_after
         try:
-            grant = await asyncio.to_thread(self._reserve_locked, store, key_id, block, limit, may_rotate)
+            grant, reserved = await asyncio.to_thread(self._reserve_locked, store, key_id, block, limit, may_rotate)
         except StorageUnavailable as exc:
             log.error("could not reserve encryption counts for %s/%s: %s", store, key_id, exc)
             raise DependencyTimeoutException(
@@ -289,6 +308,10 @@ class VaultKeyManager(KeyManager):
             raise InternalException("could not reserve encryption counts; see the proxy log") from None
         if grant.version is not None and grant.count:
             self._counters.setdefault((store, key_id, grant.version), UsageCounter()).granted += grant.count
+            granted = (store, key_id, grant.version)
+            reserved = reserved or {granted: self._vault_reserved.get(granted, 0) + grant.count}
+            for counted, count in reserved.items():
+                self._vault_reserved[counted] = max(count, self._vault_reserved.get(counted, 0))
         key = self._keys.get((store, key_id))
         if key is None or grant.version != key.current or (grant.count == 0 and may_rotate):
             try:
@@ -326,6 +349,17 @@ class VaultKeyManager(KeyManager):
     def usage_counts(self, store: str, key_id: str) -> dict[int, int]:
         """Exact encryptions this process did per version since it started (the admin API shows them)."""
         return {k[2]: c.used for k, c in self._counters.items() if k[0] == store and k[1] == key_id}
+
+    def gcm_invocations_ratio(self) -> float:
+        """Reserved encryptions over 2^32, highest over the current versions of keys that may encrypt now.
+
+        Reserved, not performed: the vault's count is the upper bound it keeps across a fleet and
+        restarts (this process's `used` sees neither), as last read at a load or reservation here.
+        2^32 for every version: imported material stops there; a vault key rotates before (0.5 by default).
+        """
+        ratios = (self._vault_reserved.get((s, k, key.current), 0) / MAX_ENCRYPTIONS for (s, k), key in self._keys.items()
+                  if s != INTERNAL_STORE and key.current is not None and key.state == ENABLED and KeyUsage.ENCRYPT in key.usage)
+        return max(ratios, default=0.0)
 
     def key_version(self, metadata: bytes | None) -> int | None:
         try:

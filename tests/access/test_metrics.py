@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sqlite3
 import ssl
 import time
 from contextlib import asynccontextmanager
@@ -14,7 +16,11 @@ import aiohttp
 import pytest
 
 from keymanager.base import iso_time
+from keymanager.vault.model import MAX_ENCRYPTIONS
 from tests.conftest import Home, metadata
+from tests.keymanager.vault.test_byok import get_params, import_material, wrap_oaep256
+from tests.keymanager.vault.test_usage_counts import _reserved
+from tests.support.lifecycle import cli_json, patch_config
 from tests.support.fleet import Proxy, free_port, pg_home
 from tests.support.postgres import Cluster, pg_cluster, pg_database  # noqa: F401 (fixtures)
 from tests.support.proxy import Pki, cli, client_for, edit_config, eventually, running, scrape, value
@@ -89,6 +95,8 @@ async def test_scrape_after_traffic(home: Home) -> None:
         assert value(s, "xks_denied_total", store="test", rule="no-blocked") == 1
         health = [v for (name, _), v in s.items() if name == "xks_keymanager_health"]
         assert health and all(v == 2 for v in health), health  # ACTIVE, for each key manager entry
+        # The vault counts AES-GCM invocations; an HSM makes its own IVs, so pkcs11 has no sample.
+        assert (value(s, "xks_key_gcm_invocations_ratio") is None) == (home.backend == "pkcs11")
         server_days = value(s, "xks_tls_certificate_expiry_days", certificate="server")
         assert server_days is not None and 9.9 < server_days <= 10.0
         ca_days = value(s, "xks_tls_certificate_expiry_days", certificate="client_ca:client CA")
@@ -139,7 +147,7 @@ async def test_served_proxy_reports_credential_age(home: Home, tmp_path: Path) -
 
     def configure(raw: dict[str, Any]) -> None:
         first = raw["stores"][0]["credentials"][0]
-        assert first["access_key_id"] == home.access_key_id and "created_at" not in first  # made by init
+        assert first["access_key_id"] == home.access_key_id  # made by init (which records it now: backdated here)
         first["created_at"] = iso_time(time.time() - 40 * DAY)
 
     edit_config(home.path, configure)
@@ -181,3 +189,48 @@ async def test_fleet_database_up_follows_the_database(tmp_path: Path, pg_databas
         finally:
             cluster.set_connectable(name, True)
         await eventually(database_up(1), deadline=15, what="database up again")
+
+
+@pytest.mark.vault_only
+async def test_gcm_invocations_ratio_reaches_one_with_imported_material(home: Home, tmp_path: Path) -> None:
+    """xks_key_gcm_invocations_ratio is the vault's reserved count over 2^32 for the most used key.
+
+    Imported material cannot be rotated, so it is the key that reaches NIST SP 800-38D's limit.
+    2^32 encryptions cannot run in a test: with the proxy stopped, the vault's stored count of
+    the imported key is set as a long service would have left it, six short of the limit. The
+    gauge must report that history at start (this process did none of it), then exactly 1.0
+    once six signed encrypts have used the rest, when the next encrypt is refused.
+    """
+    assert cli_json("keys", "create", "ext", "--no-material", home=home.path)["keyStatus"] == "PENDING_IMPORT"
+    params = tmp_path / "params"
+    get_params(home, "ext", params, "RSAES_OAEP_SHA_256")
+    wrap_oaep256(params, os.urandom(32))
+    imported = import_material(home, "ext", params)
+    assert imported.returncode == 0, imported.stderr
+    history = MAX_ENCRYPTIONS - 6
+    with sqlite3.connect(home.path / "vault.db") as conn:
+        conn.execute("UPDATE key_versions SET reserved = ? WHERE key_id = 'ext'", (history,))
+    conn.close()
+    assert _reserved(home, "ext") == {1: history}
+    patch_config(home.path, vault={"count_block": 4}, metrics={"enabled": True, "host": "127.0.0.1", "port": 0})
+
+    async with running(home.path, plain_http=True) as proxy, client_for(home, proxy) as client:
+        port = proxy.metrics_port
+        assert port is not None
+
+        def ratio_is(expected: float) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return value(await scrape(port), "xks_key_gcm_invocations_ratio") == expected
+
+            return check
+
+        # The imported key's history, not the vault key "foo" (0 reserved): the highest wins.
+        await eventually(ratio_is(history / MAX_ENCRYPTIONS), deadline=10, what="the stored count reported")
+        for i in range(6):
+            assert (await client.encrypt("ext", b"n%d" % i))[0] == 200
+        status, body = await client.encrypt("ext", b"one too many")
+        assert (status, body["errorName"]) == (400, "InvalidStateException")
+        assert _reserved(home, "ext") == {1: MAX_ENCRYPTIONS}
+        await eventually(ratio_is(1.0), deadline=10, what="the limit reported")
+        versions = cli_json("keys", "versions", "ext", "--json", home=home.path)["versions"]
+        assert [v["encryptionsReserved"] for v in versions] == [MAX_ENCRYPTIONS]

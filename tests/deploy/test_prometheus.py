@@ -23,7 +23,7 @@ from keymanager.base import iso_time
 from tests.access.test_metrics import served_with_metrics
 from tests.conftest import Home, need
 from tests.support import ROOT
-from tests.support.proxy import edit_config, running
+from tests.support.proxy import edit_config, eventually, running
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "xks-proxy.rules.yml"
@@ -70,6 +70,10 @@ async def _metrics_text(port: int) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
         assert resp.status == 200
         return await resp.text()
+
+
+async def _ratio_told(port: int) -> bool:
+    return "xks_key_gcm_invocations_ratio" in exported(await _metrics_text(port))
 
 
 def test_rules_are_valid() -> None:
@@ -131,14 +135,19 @@ def test_names_are_parsed_from_promql() -> None:
 @pytest.mark.vault_only
 async def test_rules_and_dashboard_name_only_metrics_a_proxy_exports(home: Home, tmp_path: Path) -> None:
     used = metric_names([rule["expr"] for rule in _alerts()] + _dashboard_exprs())
-    assert {"xks_requests_total", "xks_proxy_credential_age_days", "xks_vault_database_up", "up"} <= used
-    # One proxy process: its registry declares every family it has, samples or not.
+    assert {"xks_requests_total", "xks_proxy_credential_age_days", "xks_vault_database_up", "xks_key_gcm_invocations_ratio", "up"} <= used
+    # One proxy process: its registry declares every family it has, samples or not; the AES-GCM
+    # ratio's family is made with the key manager's first answer (a backend that does not count has none).
     edit_config(home.path, lambda raw: raw.update(metrics={"enabled": True, "host": "127.0.0.1", "port": 0}))
     async with running(home.path, plain_http=True) as proxy:
-        assert proxy.metrics_port is not None
-        names = exported(await _metrics_text(proxy.metrics_port))
+        port = proxy.metrics_port
+        assert port is not None
+
+        await eventually(lambda: _ratio_told(port), deadline=10, what="the vault's first AES-GCM ratio")
+        names = exported(await _metrics_text(port))
     # `serve --workers 2`, as operators run it: the sidecar adds the scrape-time credential age.
     edit_config(home.path, lambda raw: raw["stores"][0]["credentials"][0].update(created_at=iso_time(time.time())))
     async with served_with_metrics(home, tmp_path) as port:
+        await eventually(lambda: _ratio_told(port), deadline=10, what="the workers' AES-GCM ratio (livemax) through the sidecar")
         names |= exported(await _metrics_text(port))
     assert used - PROMETHEUS_OWN <= names, sorted(used - PROMETHEUS_OWN - names)

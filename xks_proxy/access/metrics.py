@@ -96,6 +96,7 @@ class Metrics(NoMetrics):
             "xks_vault_database_up", "A fleet's shared vault database: 1 its last round trip worked, 0 not (worst of the workers)",
             ("database",), registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
+        self._gcm_ratio: Any = None  # made at its first value: a backend that does not count has no sample
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -125,6 +126,23 @@ class Metrics(NoMetrics):
             if detail.model.startswith(_DATABASE_MODEL):
                 self._database_up.labels(detail.id).set(1 if detail.state is HealthState.ACTIVE else 0)
 
+    def gcm_invocations(self, ratio: float | None) -> None:
+        """xks_key_gcm_invocations_ratio, made at the first ratio: an unlabelled gauge would show 0
+        from its creation, which for a backend that does not count (None) would read as "far from
+        the limit" rather than "not known"."""
+        if ratio is None:
+            return
+        if self._gcm_ratio is None:
+            from prometheus_client import Gauge
+
+            self._gcm_ratio = Gauge(
+                "xks_key_gcm_invocations_ratio",
+                "Highest fraction of the AES-GCM limit (2^32 encryptions) the vault reserved under a key's current version "
+                "(highest of the workers)",
+                registry=self.registry, multiprocess_mode="livemax",
+            )  # fmt: skip
+        self._gcm_ratio.set(ratio)
+
     def tls_refused(self, reason: str) -> None:
         self._tls_refused.labels(reason).inc()
 
@@ -136,10 +154,13 @@ class Metrics(NoMetrics):
 
         Every 5 s: an alert waiting a minute sees a change at once, and the probe is cheap (one
         AES-GCM round trip; a shared database's state is the vault's last refresh, not a query).
+        The AES-GCM invocation ratio rides along: it is read from the key manager's memory, and
+        a backend that does not count (None) leaves the gauge without a sample.
         """
         while True:
             try:
                 self.health(await key_manager.health())
+                self.gcm_invocations(key_manager.gcm_invocations_ratio())
             except Exception:
                 log.exception("key manager health probe for metrics failed")
             await asyncio.sleep(interval)
