@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from base64 import b64encode
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -227,8 +228,10 @@ class XksServer:
         if request.content_length is not None and request.content_length > cap:
             raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit")
         seconds = self.config.server.body_timeout_seconds
+        # KMS sends the body with the headers: when all of it is here, there is no timer to arm.
+        deadline = nullcontext() if request.content.is_eof() else asyncio.timeout(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with deadline:
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit") from None
