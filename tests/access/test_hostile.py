@@ -31,6 +31,7 @@ from tests.support.fleet import free_port
 from tests.support.lifecycle import cli_env, patch_config
 from tests.support.proxy import scrape, value, wait_for_line
 from xks_proxy import config as configmod
+from xks_proxy.access.connections import SWEEP_SECONDS
 from xks_proxy.cli.home import init_home
 
 pytestmark = pytest.mark.vault_only
@@ -277,6 +278,24 @@ async def test_headers_that_never_end_and_idle_connections_are_closed(proxy: Ser
     assert took is not None and took >= IDLE_TIMEOUT - 0.5, took
     for _, w in partial + silent + [(reader, writer)]:
         w.close()
+
+
+async def test_200_idle_connections_are_all_closed_by_the_sweep_and_none_early(proxy: Served) -> None:
+    """No timer per connection: one sweep per worker closes each after its idle deadline, within a sweep period."""
+    request = _signed_request(proxy, {"requestMetadata": metadata("KmsHealthCheck")})
+
+    async def served_then_idle() -> float | None:
+        reader, writer = await _open(proxy, request)
+        try:
+            assert (await _response(reader))[0] == 200
+            return await _closed_by_server(reader, IDLE_TIMEOUT + SWEEP_SECONDS + SLACK)
+        finally:
+            writer.close()
+
+    took = await asyncio.gather(*(served_then_idle() for _ in range(200)))
+    assert all(t is not None for t in took), f"{took.count(None)} idle connections still open"
+    print(f"200 idle connections closed {min(took):.2f}-{max(took):.2f} s after their answers (idle {IDLE_TIMEOUT} s)")  # type: ignore[type-var]
+    assert min(took) >= IDLE_TIMEOUT - 0.5, min(took)  # type: ignore[type-var]
 
 
 # --- memory: 1,000 TLS connections whose headers never end ------------------------------------------
