@@ -40,6 +40,8 @@ CATEGORIES: list[tuple[str, str, str]] = [
     ("admission (throttle, policy)", r"xks_proxy/access/(throttle|policy)\.py", r""),
     ("admission (throttle, policy)", r"xks_proxy/server\.py", r"(^|\.)(_admitted|_authorize|_allowed)(\.|$)"),
     ("routing, body read, handler", r"xks_proxy/server\.py", r""),
+    # aiohttp parses the request inside the guard's data_received: parsing, not the guard's cost.
+    ("aiohttp request parsing and dispatch", r"aiohttp/web_protocol\.py", r"(^|\.)data_received$"),
     ("connection deadlines (access/connections.py)", r"xks_proxy/access/connections\.py", r""),
     ("aiohttp response writing", r"aiohttp/(web_response|http_writer|abc)\.py", r""),
     ("aiohttp response writing", r"aiohttp/web_protocol\.py", r"(^|\.)(finish_response|_write_headers|write|drain)$"),
