@@ -18,6 +18,11 @@ from keymanager.base import KEY_ID_RE
 from xks_proxy.settings.fields import ConfigError, choice, file, float_range, get, int_range, owner_only, table as subtable
 
 IV_MODES = ("proxy", "hsm-zero-buffer", "hsm-appended")
+#: Where encrypt, decrypt, key lookups and the health probe call the module: see Pkcs11Config.call_mode.
+CALL_MODES = ("auto", "threads", "event-loop")
+#: Modules that "auto" calls on the event loop: software tokens inside the process, whose calls
+#: are local CPU work (SoftHSMv2: ~100 µs), never a network round trip.
+IN_PROCESS_MODULES = ("libsofthsm2.so",)
 #: The XKS API's limit on ciphertextMetadata (as xks_proxy.protocol checks it on requests).
 MAX_METADATA_BYTES = 20
 #: ciphertextMetadata of PKCS#11 ciphertexts unless configured: format 2 = "HSM key, AAD construction 1"
@@ -27,7 +32,7 @@ _FIELDS = frozenset(
     {
         "module", "token_label", "slot", "pin_file", "pin_env", "session_pool_size", "session_wait_seconds",
         "operation_timeout_seconds", "refresh_seconds", "iv_mode", "ciphertext_metadata_b64", "health_key",
-        "health_cache_seconds",
+        "health_cache_seconds", "call_mode",
     }
 )  # fmt: skip
 
@@ -48,6 +53,19 @@ class Pkcs11Config:
     ciphertext_metadata: bytes = PKCS11_DEFAULT_METADATA
     health_key: str = "xks-proxy-health"
     health_cache_seconds: float = 60.0
+    #: "threads": every call on the calling session's worker thread; the event loop only waits, and
+    #: operation_timeout_seconds holds however the HSM behaves (the choice for any HSM reached over
+    #: a network or a PCIe driver). "event-loop": called on the event loop itself, with no thread
+    #: hop: for a software token in the process, where the hop costs more than the call; a hung
+    #: module then stalls the whole worker and the timeout cannot fire. "auto": "event-loop" for
+    #: the modules in IN_PROCESS_MODULES (SoftHSMv2), "threads" for every other.
+    call_mode: str = "auto"
+
+    @property
+    def calls_on_event_loop(self) -> bool:
+        if self.call_mode == "auto":
+            return os.path.basename(os.path.realpath(self.module)) in IN_PROCESS_MODULES
+        return self.call_mode == "event-loop"
 
 
 def parse_pkcs11(home: Path, raw: dict[str, Any]) -> Pkcs11Config:
@@ -88,6 +106,7 @@ def parse_pkcs11(home: Path, raw: dict[str, Any]) -> Pkcs11Config:
         ciphertext_metadata=metadata,
         health_key=health_key,
         health_cache_seconds=float_range(table, "pkcs11.health_cache_seconds", "health_cache_seconds", 60.0, 0.0, 60.0),
+        call_mode=choice(table, "pkcs11.call_mode", "call_mode", CALL_MODES, "auto"),
     )
 
 

@@ -1,12 +1,20 @@
 """The PKCS#11 key manager: XKS keys are AES keys inside an HSM, named by their CKA_LABEL.
 
-Threads and sessions. PKCS#11 calls block, so they never run on the event loop: each request
-takes one logged-in session from a bounded pool (none free within `session_wait_seconds` →
-ThrottlingException) and runs on a worker thread of an executor exactly as large as the pool,
-so no call ever queues behind another inside the executor. The request waits at most
-`operation_timeout_seconds` for the HSM (→ DependencyTimeoutException); a late call keeps its
-session until it returns. One more thread, with its own session, refreshes the key catalog and
-runs reconnects.
+Threads and sessions. PKCS#11 calls block, so by default they never run on the event loop: each
+request takes one logged-in session from a bounded pool (none free within `session_wait_seconds`
+→ ThrottlingException) and runs on that session's own worker thread (one thread per pooled
+session, fed by a queue: a session is checked out to one request at a time, so no call ever
+queues behind another). The request waits at most `operation_timeout_seconds` for the HSM
+(→ DependencyTimeoutException); a late call keeps its session until it returns. One more
+thread, with its own session, refreshes the key catalog and runs reconnects.
+
+The hop to the thread and back is the costliest part of a request after the HSM itself (with
+SoftHSMv2 a C_Encrypt takes ~100 µs of CPU): so it is one queue put, one plain future and one
+timer, not an executor future wrapped in a shield and a wait_for task. For a software token
+inside the process (SoftHSMv2) even that costs more than the call, so `pkcs11.call_mode`
+"event-loop" (what "auto" picks for SoftHSMv2 only) makes request calls on the event loop, with
+no thread and no timeout; logins, scans and reconnects stay on the control thread. Measured in
+docs/pkcs11.md, "Performance".
 
 Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds`, so deleted or changed
 keys show within that time, and looked up directly on a miss, so a new key is served on its
@@ -28,11 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, TypeVar
 
 from keymanager.base import EkmHealth, Encrypted, HealthState, KeyManager, KeyMetadata, KeyUsage
@@ -67,11 +76,45 @@ _FAILURE_WINDOW_SECONDS = 60.0
 
 @dataclass(slots=True)
 class _Slot:
-    """One pooled, logged-in session and the key objects it has found."""
+    """One pooled, logged-in session, the worker thread that runs its calls, and the key objects
+    (handles) it has found. The handles die with the slot: a reconnect makes new slots."""
 
     session: Any
     generation: int
+    lane: "_Lane | None"  # None: call_mode "event-loop"
     keys: dict[str, tuple[TokenKey, Any]] = field(default_factory=dict)
+
+
+class _Lane:
+    """One worker thread and its queue. A slot's calls run one at a time (the slot is checked out
+    to one request), so the thread is always free when a call is put on its queue. A daemon
+    thread: a call that never returns (a hung HSM) does not hold the process's exit."""
+
+    def __init__(self, index: int) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"xks-pkcs11-{index}", daemon=True)
+        self._thread.start()
+
+    def submit(self, done: Callable[..., None], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Run fn(*args) on the thread, then done(result, exception) there (which hands it to the loop)."""
+        self._calls.put((done, fn, args))
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            done, fn, args = call
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 -- handed to the request, as an executor would
+                done(None, exc)
+            else:
+                done(result, None)
+            del call, done, fn, args
 
 
 class Pkcs11KeyManager(KeyManager):
@@ -80,7 +123,8 @@ class Pkcs11KeyManager(KeyManager):
     def __init__(self, config: Pkcs11Config) -> None:
         self._cfg = config
         self._library: Library | None = None
-        self._workers = ThreadPoolExecutor(config.session_pool_size, thread_name_prefix="xks-pkcs11")
+        self._lanes: list[_Lane] = []  # started with the first pool, one per pooled session
+        self._on_loop = config.calls_on_event_loop
         self._control = ThreadPoolExecutor(1, thread_name_prefix="xks-pkcs11-control")
         self._idle: list[_Slot] = []
         self._waiters: deque[asyncio.Future[_Slot]] = deque()
@@ -136,7 +180,8 @@ class Pkcs11KeyManager(KeyManager):
             self._closed = True
         except TimeoutError:
             log.warning("the HSM did not close its sessions within 2 s; leaving them to the library")
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            lane.stop()
         self._control.shutdown(wait=False, cancel_futures=True)
 
     def release(self) -> None:
@@ -154,7 +199,10 @@ class Pkcs11KeyManager(KeyManager):
         self._generation = generation
         self._control_session = control
         self._catalog = catalog
-        self._idle = [_Slot(session, generation) for session in sessions]
+        while not self._on_loop and len(self._lanes) < len(sessions):
+            self._lanes.append(_Lane(len(self._lanes)))
+        lanes: list[_Lane | None] = list(self._lanes) if not self._on_loop else [None] * len(sessions)
+        self._idle = [_Slot(session, generation, lane) for session, lane in zip(sessions, lanes)]
         self._up = True
         self._health = None
         self._failures.clear()  # the outage is over; health reports the present
@@ -181,16 +229,16 @@ class Pkcs11KeyManager(KeyManager):
     # --- the pool -----------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(slot, *args)` on a worker thread with a pooled session, under both timeouts."""
+        """Run `fn(slot, *args)` with a pooled session: on the session's worker thread under both
+        timeouts, or, with call_mode "event-loop", right here (see Pkcs11Config.call_mode)."""
         if not self._up:
             self._schedule_recovery()
             raise InternalException(self._fatal or "the HSM is unavailable; the proxy is reconnecting")
         slot = await self._acquire()
-        self._busy += 1
-        future = asyncio.get_running_loop().run_in_executor(self._workers, fn, slot, *args)
-        future.add_done_callback(partial(self._returned, slot))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._cfg.operation_timeout_seconds)
+            if self._on_loop:
+                return self._call_here(slot, fn, args)
+            return await self._call_on_thread(slot, fn, args)
         except TimeoutError:
             self._failed()
             raise DependencyTimeoutException(
@@ -205,6 +253,33 @@ class Pkcs11KeyManager(KeyManager):
             log.warning("HSM call failed: %s", exc)
             raise InternalException(f"the HSM failed: {exc.ckr or exc}") from None
 
+    def _call_here(self, slot: _Slot, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """On the event loop: no thread hop, no timer (nothing can interrupt the call anyway)."""
+        self._busy += 1
+        try:
+            return fn(slot, *args)
+        finally:
+            self._returned(slot, None, None, None)
+
+    async def _call_on_thread(self, slot: _Slot, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+        timer = loop.call_later(self._cfg.operation_timeout_seconds, _time_out, answer)
+
+        def done(result: Any, exc: BaseException | None) -> None:  # on the slot's thread
+            try:
+                loop.call_soon_threadsafe(self._returned, slot, answer, result, exc)
+            except RuntimeError:  # the loop is closed: the process is exiting, nobody is waiting
+                pass
+
+        assert slot.lane is not None
+        self._busy += 1
+        slot.lane.submit(done, fn, (slot, *args))
+        try:
+            return await answer
+        finally:
+            timer.cancel()
+
     async def _acquire(self) -> _Slot:
         if self._idle:
             return self._idle.pop()
@@ -218,11 +293,16 @@ class Pkcs11KeyManager(KeyManager):
                 pass
         raise ThrottlingException(f"all {self._cfg.session_pool_size} HSM sessions are busy")
 
-    def _returned(self, slot: _Slot, future: asyncio.Future[Any]) -> None:
-        """Done-callback of every call: the session goes back, unless it belongs to a dead generation."""
+    def _returned(self, slot: _Slot, answer: asyncio.Future[Any] | None, result: Any, exc: BaseException | None) -> None:
+        """Every call ends here, on the event loop: the answer is given (unless the request timed out
+        or went away: a late result is dropped), and the session goes back, unless it belongs to a
+        dead generation."""
         self._busy -= 1
-        if not future.cancelled():
-            future.exception()  # retrieved here, so a call that outlived its request logs nothing
+        if answer is not None and not answer.done():
+            if exc is None:
+                answer.set_result(result)
+            else:
+                answer.set_exception(exc)
         if self._up and slot.generation == self._generation:
             self._idle.append(slot)
             self._hand_out()
@@ -449,6 +529,11 @@ class Pkcs11KeyManager(KeyManager):
     def _remember(self, state: HealthState) -> HealthState:
         self._health = (time.monotonic() + self._cfg.health_cache_seconds, state)
         return state
+
+
+def _time_out(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
 
 
 def _scan_checked(session: Any) -> dict[str, TokenKey]:
