@@ -184,12 +184,11 @@ class XksServer:
     async def _admitted(
         self, request: web.Request, path: str, store: Store, key_id: str | None, body: bytes, outcome: Outcome
     ) -> dict[str, Any]:
-        headers = {name.lower(): request.headers.getall(name) for name in request.headers.keys()}
-        sigv4.verify(
+        sigv4.verify(  # reads request.headers in place (getall of the signed headers only), no copy
             method=request.method,
             path=path,
-            query=tuple(request.rel_url.query.items()),
-            headers=headers,
+            query=tuple(request.rel_url.query.items()) if request.query_string else (),
+            headers=request.headers,
             body=body,
             lookup_secret=store.secret_for,
             regions=store.regions,

@@ -756,3 +756,243 @@ async def test_curl_aws_sigv4_is_accepted_and_wrong_secret_rejected(tmp_path):
     # curl signs content-type when it sends one; verify handled it.
     assert any("content-type" in a.signed_headers for a in accepted)
     assert any("x-amz-content-sha256" in h for h in seen_headers)
+
+
+# --------------------------------------------------------------------------- 5. randomized differential test
+
+
+N_DIFF = 300
+DIFF_SEED = 0x5167_D1FF
+TOKEN_CHARS = string.ascii_letters + string.digits + "-_!#$%&'*+.^`|~"
+# Header value pieces: runs of ASCII and Unicode whitespace (str.split's set, which botocore uses
+# too), commas, non-ASCII letters (sent as UTF-8), and the ASCII controls str.split treats as space.
+VALUE_PIECES = ["a", "Zz", "0", "json", "x=y", ",", ";", "/", " ", "  ", "\t", " \t ", "   ", "é", "ü", "€", "日本",
+                "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u00a0", "\u2003", "\u3000", '"q"', "()", "\\"]  # fmt: skip
+PATH_PIECES = ["a", "Key-1", "k.v", "x_y", "~t", ".", "..", "", "%20", "%2F", "%E2%82%AC", "kms", "xks", "v1", "encrypt"]
+QUERY_CHARS = string.ascii_letters + string.digits + " -_.~/=&+é€"
+MUTANTS = "aAz0 \t,./;=é\x0b\u00a0\udce9"  # \udce9: a byte >= 0x80 that was not UTF-8, as aiohttp hands it on
+AVOID = {"authorization", "x-amz-date", "host", "x-amz-content-sha256", "x-amz-security-token"}
+
+
+@dataclass
+class Spec:
+    """A request both signers see: the raw path, decoded query pairs, header lines in order."""
+
+    method: str
+    host: str
+    path: str
+    query: list[tuple[str, str]]
+    headers: list[tuple[str, str]]
+    body: bytes
+    now: float
+    access_key_id: str
+    secret: str
+    region: str
+
+
+def _value(rng: random.Random) -> str:
+    return "".join(rng.choice(VALUE_PIECES) for _ in range(rng.choice([0, 1, 1, 2, 3, 5, 9])))
+
+
+def random_spec(rng: random.Random) -> Spec:
+    headers: list[tuple[str, str]] = []
+    for _ in range(rng.randint(0, 6)):
+        name = _word(rng, TOKEN_CHARS, 1, 20)
+        if name.lower() in AVOID:
+            continue
+        headers.append((name, _value(rng)))
+        if rng.random() < 0.25:  # the same header again, maybe spelt in another case
+            headers.append((rng.choice([name, name.upper(), name.lower()]), _value(rng)))
+    if rng.random() < 0.5:
+        headers.append(("Content-Type", rng.choice(CONTENT_TYPES)))
+    if rng.random() < 0.2:
+        headers.append(("User-Agent", "aws-sdk/" + _value(rng)))  # botocore leaves it unsigned
+    rng.shuffle(headers)
+    body = random_body(rng)
+    if rng.random() < 0.2:
+        headers.append(("X-Amz-Content-SHA256", hashlib.sha256(body).hexdigest()))
+    segments = [rng.choice(PATH_PIECES) for _ in range(rng.randint(0, 8))]
+    path = rng.choice(["", "/"]) + "/".join(segments) + rng.choice(["", "", "/", "//"])
+    path = path if path.startswith("/") or not path else "/" + path
+    query = [(_word(rng, QUERY_CHARS, 1, 6), _word(rng, QUERY_CHARS, 0, 6)) for _ in range(rng.choice([0, 0, 1, 3]))]
+    return Spec(
+        method=rng.choice(["POST", "POST", "GET", "post"]), host=rng.choice(HOSTS), path=path, query=query,
+        headers=headers, body=body, now=rng.uniform(1e9, 4e9), access_key_id=_word(rng, AKID_ALPHABET, 20, 30),
+        secret=_word(rng, SECRET_ALPHABET, 43, 64), region=rng.choice(REGIONS),
+    )  # fmt: skip
+
+
+def botocore_signed(spec: Spec) -> list[tuple[str, str]] | None:
+    """The header lines botocore sends for `spec` (Host added as an HTTP client does), or None when
+    botocore cannot sign it (a lone surrogate: no UTF-8 for it)."""
+    if any(not value.isascii() and "\udc80" <= max(value) for _, value in spec.headers):
+        return None  # (email.message hands such a value back as a Header object botocore cannot trim)
+    request = AWSRequest(method=spec.method, url=f"https://{spec.host}{spec.path}", data=spec.body,
+                         params=list(spec.query))  # fmt: skip
+    for name, value in spec.headers:
+        request.headers[name] = value
+    signer = SigV4Auth(Credentials(spec.access_key_id, spec.secret), SERVICE, spec.region)
+    with botocore_clock(spec.now):
+        signer.add_auth(request)
+    lines = list(request.headers.items())
+    if not any(name.lower() == "host" for name, _ in lines):
+        lines.append(("Host", spec.host))
+    return lines
+
+
+def _signature(lines: list[tuple[str, str]] | None) -> str | None:
+    if lines is None:
+        return None
+    return next(v for k, v in lines if k.lower() == "authorization").rsplit("Signature=", 1)[1]
+
+
+def verify_both_ways(spec: Spec, lines: list[tuple[str, str]]) -> str:
+    """verify() on a dict (lower-case name -> values) and on aiohttp's CIMultiDictProxy, as the
+    server calls it: both must agree. Returns "ok" or the AuthenticationFailedException message."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    as_dict: dict[str, list[str]] = {}
+    for name, value in lines:
+        as_dict.setdefault(name.lower(), []).append(value)
+    as_multidict = CIMultiDictProxy(CIMultiDict(lines))
+    outcomes = []
+    for headers in (as_dict, as_multidict):
+        try:
+            sigv4.verify(method=spec.method, path=spec.path, query=tuple(spec.query), headers=headers, body=spec.body,
+                         lookup_secret={spec.access_key_id: spec.secret}.get, regions=frozenset({spec.region}),
+                         now=spec.now)  # fmt: skip
+            outcomes.append("ok")
+        except AuthenticationFailedException as exc:
+            outcomes.append(exc.message)
+    assert outcomes[0] == outcomes[1], outcomes
+    return outcomes[0]
+
+
+def _mutate(rng: random.Random, text: str, chars: str = MUTANTS) -> str:
+    """One character replaced by another, or one inserted or deleted."""
+    i = rng.randrange(len(text) + 1)
+    roll = rng.random()
+    if roll < 0.2 or not text:
+        return text[:i] + rng.choice(chars) + text[i:]
+    i = min(i, len(text) - 1)
+    if roll < 0.35:
+        return text[:i] + text[i + 1 :]
+    return text[:i] + rng.choice([c for c in chars if c != text[i]]) + text[i + 1 :]
+
+
+def _mutate_path(rng: random.Random, path: str) -> str:
+    """A path as it can arrive on a request line: still starting with "/" (or empty)."""
+    mutated = "/" + _mutate(rng, path[1:], "aZ0./-_~%")
+    return mutated if path or mutated != "/" else "/x"
+
+
+DIFF_SPECS = [random_spec(random.Random(DIFF_SEED + i)) for i in range(N_DIFF)]
+
+
+def test_differential_verify_accepts_exactly_what_botocore_signs():
+    """Hundreds of generated requests, signed by botocore: verify accepts each as sent; a mutation
+    of a header value or the path is accepted exactly when botocore's signature of the mutated
+    request is the same one (whitespace runs, "//" and "." segments canonicalise alike), and
+    refused otherwise; a changed body or signature is always refused."""
+    rng = random.Random(DIFF_SEED)
+    kept = refused = 0
+    for spec in DIFF_SPECS:
+        lines = botocore_signed(spec)
+        assert lines is not None
+        signature = _signature(lines)
+        assert verify_both_ways(spec, lines) == "ok", spec
+        # The signature, one hex digit changed (a non-hex one is malformed: refused as well).
+        for _ in range(3):
+            i = rng.randrange(64)
+            other = rng.choice([c for c in "0123456789abcdefA" if c != signature[i]])
+            forged = signature[:i] + other + signature[i + 1 :]
+            bad = [(k, v.replace(signature, forged)) if k.lower() == "authorization" else (k, v) for k, v in lines]
+            assert verify_both_ways(spec, bad) != "ok"
+        # The body: one byte changed, one added, one removed.
+        bodies = [spec.body + bytes([rng.randrange(256)])]
+        if spec.body:
+            i = rng.randrange(len(spec.body))
+            bodies += [spec.body[:i] + bytes([spec.body[i] ^ (1 << rng.randrange(8))]) + spec.body[i + 1 :],
+                       spec.body[:i] + spec.body[i + 1 :]]  # fmt: skip
+        for body in bodies:
+            assert verify_both_ways(replace(spec, body=body), lines) != "ok"
+        # A header value (signed or not), and the path: the verdict is botocore's.
+        mutants = []
+        for j, (name, value) in enumerate(spec.headers):
+            headers = list(spec.headers)
+            headers[j] = (name, _mutate(rng, value))
+            wire = [(k, v) for k, v in lines]
+            wire[lines.index((name, value))] = headers[j]
+            mutants.append((replace(spec, headers=headers), wire))
+        for _ in range(2):
+            mutants.append((replace(spec, path=_mutate_path(rng, spec.path)), lines))
+        for mutant, wire in mutants:
+            same = _signature(botocore_signed(mutant)) == signature
+            unsigned = any(n.lower() in botocore.auth.SIGNED_HEADERS_BLACKLIST for n, _ in mutant.headers
+                           if (n, _) not in spec.headers)  # fmt: skip
+            outcome = verify_both_ways(mutant, wire)
+            assert (outcome == "ok") == (same or unsigned), (spec, mutant, outcome)
+            kept += outcome == "ok"
+            refused += outcome != "ok"
+    # Both verdicts occur often: the mutations do test the canonical form, not only break it.
+    assert kept > 50 and refused > 500, (kept, refused)
+
+
+def test_differential_non_utf8_bytes_in_a_signed_header_are_refused_not_an_error():
+    """A signed value holding a byte >= 0x80 that is not UTF-8 (aiohttp keeps it as a lone
+    surrogate) or UTF-8 read as latin-1: AuthenticationFailedException, never UnicodeEncodeError."""
+    for spec in DIFF_SPECS[:60]:
+        spec = replace(spec, headers=spec.headers + [("X-Xks-Extra", "café")])
+        lines = botocore_signed(spec)
+        assert verify_both_ways(spec, lines) == "ok"
+        for wire_value in ("caf\udce9", "caf\udcc3\udca9", "café".encode().decode("latin-1"), "\udcff"):
+            wire = [(k, wire_value if k == "X-Xks-Extra" else v) for k, v in lines]
+            assert "signature" in verify_both_ways(spec, wire) or "UTF-8" in verify_both_ways(spec, wire)
+        path = spec.path + "/caf\udce9"
+        assert verify_both_ways(replace(spec, path=path), lines) != "ok"
+
+
+def test_split_authorization_parse_agrees_with_the_whole_regex():
+    """parse_authorization parses the part before the signature once (cached) and the signature
+    apart: on mutations of real headers it accepts exactly what the one regex over the whole
+    stripped header accepts, with the same fields."""
+    rng = random.Random(DIFF_SEED ^ 0xA0)
+    goods = [wire(case).headers["authorization"][0] for case in SOME[:20]]
+    goods += [g.replace(", ", " ,\t ") for g in goods[:5]] + [" " + g + " \t" for g in goods[:5]]
+    goods += [goods[0].replace("Credential=", "Credential=Signature=", 1)]  # "Signature=" twice: the last one counts
+    long_akid = goods[1].replace("Credential=", "Credential=" + "A" * 600, 1)  # a head over the cached length
+    tried = accepted = 0
+    for good in goods + [long_akid]:
+        candidates = [good] + [_mutate(rng, good) for _ in range(60)]
+        candidates += [good.replace("Signature=", "Signature=Signature="), good + "\n", good + "\x85", good[:-1]]
+        for header in candidates:
+            match = sigv4._AUTH_RE.match(header.strip())
+            try:
+                auth = sigv4.parse_authorization(header)
+            except AuthenticationFailedException:
+                assert match is None, repr(header)
+                continue
+            assert match is not None, repr(header)
+            assert auth == (match["akid"], match["date"], match["region"], match["service"],
+                            tuple(match["signed"].split(";")), match["signature"])  # fmt: skip
+            accepted += 1
+        tried += len(candidates)
+    assert accepted > 30 and tried - accepted > 500
+    assert sigv4.parse_authorization(long_akid).access_key_id == "A" * 600 + goods[1].split("Credential=")[1].split("/")[0]
+
+
+def test_hmac_and_sha256_from_copied_contexts_match_hmac_and_hashlib():
+    """The hot path's HMAC (copies of a key's two padded contexts) and SHA-256 (copies of an empty
+    context) against hmac.new and hashlib, on keys shorter than, equal to and longer than a block."""
+    rng = random.Random(SEED ^ 0xB10C)
+    for _ in range(400):
+        key = rng.randbytes(rng.choice([0, 1, 31, 32, 63, 64, 65, 100, 200]))
+        contexts = sigv4._hmac_contexts(key)
+        for msg in (b"", rng.randbytes(rng.randint(1, 300)), rng.randbytes(rng.randint(1000, 5000))):
+            assert sigv4._hmac_hex(contexts, msg) == hmac.new(key, msg, hashlib.sha256).hexdigest()
+            assert sigv4._sha256_hex(msg) == hashlib.sha256(msg).hexdigest()
+    # The cached contexts are only ever copied: signing twice, or after other keys, gives the same.
+    args = ("s" * 43, "20240101", "us-east-1", SERVICE)
+    first = sigv4._hmac_hex(sigv4._signer(*args), b"m")
+    sigv4._hmac_hex(sigv4._signer("t" * 43, "20240101", "us-east-1", SERVICE), b"other")
+    assert sigv4._hmac_hex(sigv4._signer(*args), b"m") == first == hmac.new(_uncached_signing_key(*args), b"m", hashlib.sha256).hexdigest()
