@@ -285,17 +285,20 @@ async def test_200_idle_connections_are_all_closed_by_the_sweep_and_none_early(p
     request = _signed_request(proxy, {"requestMetadata": metadata("KmsHealthCheck")})
 
     async def served_then_idle() -> float | None:
+        sent = time.monotonic()  # before the server's idle clock can start: a sure lower bound, however late we read
         reader, writer = await _open(proxy, request)
         try:
             assert (await _response(reader))[0] == 200
-            return await _closed_by_server(reader, IDLE_TIMEOUT + SWEEP_SECONDS + SLACK)
+            if await _closed_by_server(reader, IDLE_TIMEOUT + SWEEP_SECONDS + SLACK) is None:
+                return None
+            return time.monotonic() - sent
         finally:
             writer.close()
 
     took = await asyncio.gather(*(served_then_idle() for _ in range(200)))
     assert all(t is not None for t in took), f"{took.count(None)} idle connections still open"
-    print(f"200 idle connections closed {min(took):.2f}-{max(took):.2f} s after their answers (idle {IDLE_TIMEOUT} s)")  # type: ignore[type-var]
-    assert min(took) >= IDLE_TIMEOUT - 0.5, min(took)  # type: ignore[type-var]
+    print(f"200 idle connections closed {min(took):.2f}-{max(took):.2f} s after their requests (idle {IDLE_TIMEOUT} s)")  # type: ignore[type-var]
+    assert min(took) >= IDLE_TIMEOUT, min(took)  # type: ignore[type-var]  # none early
 
 
 # --- memory: 1,000 TLS connections whose headers never end ------------------------------------------
