@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +53,69 @@ async def test_common_name_is_the_fallback_when_there_is_no_dns_name(home: Home,
     async with running(home.path) as proxy, client_for(home, proxy, pki.context(cn_only)) as client:
         status, body = await client.call("health", requestMetadata={"kmsRequestId": "1", "kmsOperation": "KmsHealthCheck"})
         assert status == 200, body
+
+
+async def test_largest_requests_on_many_connections_at_once_arrive_intact(home: Home, pki: Pki) -> None:
+    """Every TLS connection of a worker reads the socket into one shared 16 KiB buffer (tls_transport's
+    `_LeanSslProtocol`, issue 16): requests of ~22 KB (8 KiB plaintext and 8 KiB AAD, base64) take
+    several reads each, on 24 connections (TLS 1.3 and 1.2) in flight together. A byte taken from
+    another connection's read would fail a signature, the JSON or the decryption."""
+    async with running(home.path) as proxy:
+
+        async def round_trips(index: int) -> None:
+            async with client_for(home, proxy, pki.context(pki.kms, tls12=index % 2 == 1)) as client:
+                for attempt in range(3):
+                    plaintext, aad = os.urandom(8192), os.urandom(8192)
+                    status, enc = await client.encrypt("foo", plaintext, aad=aad)
+                    assert status == 200, (index, attempt, enc)
+                    status, dec = await client.decrypt("foo", enc, aad=aad)
+                    assert status == 200 and unb64(dec["plaintext"]) == plaintext, (index, attempt, dec)
+
+        await asyncio.gather(*(round_trips(i) for i in range(24)))
+
+
+def _slow_client_ping(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Connect, say nothing for a while, then send the ClientHello in two pieces, finish the handshake and ping."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        time.sleep(0.3)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = outgoing.read()
+        sock.sendall(hello[:1])
+        time.sleep(0.3)
+        sock.sendall(hello[1:])
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536) or b"")
+        tls.write(b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.sendall(outgoing.read())
+        answer = b""
+        while not answer.endswith(b"OK\n"):
+            data = sock.recv(65536)
+            assert data, answer
+            incoming.write(data)
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+        return answer
+
+
+async def test_a_client_slow_to_send_its_hello_is_served(home: Home, pki: Pki) -> None:
+    """The server takes its first handshake step when the client's first bytes arrive, not at accept
+    (tls_transport's `_LeanSslProtocol._do_handshake`, issue 16): a ClientHello late and in pieces still works."""
+    async with running(home.path) as proxy:
+        for tls12 in (False, True):
+            answer = await asyncio.to_thread(_slow_client_ping, proxy.port, pki.context(pki.kms, tls12=tls12))
+            assert answer.startswith(b"HTTP/1.1 200"), answer
 
 
 REFUSED_IN_HANDSHAKE = {

@@ -67,21 +67,53 @@ class _AlertingSslProtocol(sslproto.SSLProtocol):
         super()._on_handshake_complete(handshake_exc)
 
 
-class _LeanSslProtocol(_AlertingSslProtocol):
-    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB, allocated on first read.
+#: The read buffer the TLS connections of a thread share (see `_LeanSslProtocol`): per thread,
+#: since each event loop runs in one thread and every read completes within one of its callbacks.
+_read_buffers = threading.local()
 
-    asyncio allocates (and zero-fills) `max_size` bytes per connection at once: 1,000 idle
-    connections cost 256 MB, and glibc keeps much of it after they close. A TLS record is at
-    most 16 KiB plus a few bytes, and XKS requests are a few KiB, so 16 KiB reads lose nothing
-    that matters; a connection that never sends its ClientHello costs no buffer at all.
+
+def _read_buffer(size: int) -> tuple[bytearray, memoryview]:
+    """This thread's shared read buffer of `size` bytes, made on first use."""
+    pair: tuple[bytearray, memoryview] | None = getattr(_read_buffers, "pair", None)
+    if pair is None or len(pair[0]) != size:
+        buffer = bytearray(size)
+        pair = _read_buffers.pair = (buffer, memoryview(buffer))
+    return pair
+
+
+class _LeanSslProtocol(_AlertingSslProtocol):
+    """asyncio's TLS protocol reading into one 16 KiB buffer per thread instead of 256 KiB per connection.
+
+    asyncio gives each connection its own `max_size` bytes to read the socket into (256 KiB,
+    zero-filled): 1,000 idle connections would cost 256 MB, and even 16 KiB each was a third
+    of what an idle TLS connection cost (issue 16). The bytes stay there only for an instant:
+    the socket transport calls `get_buffer`, `recv_into` and `buffer_updated` in one callback,
+    and `buffer_updated` copies them into this connection's incoming BIO before anything else
+    runs, so every connection of the event loop's thread can read into the same buffer.
+    16 KiB reads: a TLS record is at most 16 KiB plus a few bytes, XKS requests are a few KiB,
+    and what a read brings stays in the incoming BIO, whose memory OpenSSL keeps at its largest.
     """
 
     max_size = 16 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._ssl_buffer = bytearray()  # get_buffer() grows it to max_size when bytes arrive
-        self._ssl_buffer_view = memoryview(self._ssl_buffer)
+        self._ssl_buffer, self._ssl_buffer_view = _read_buffer(self.max_size)  # asyncio's own is freed here
+
+    def get_buffer(self, n: int) -> memoryview:
+        return self._ssl_buffer_view
+
+    def _do_handshake(self) -> None:
+        """No handshake step before the client's first bytes: a server can only wait for its ClientHello.
+
+        asyncio takes one at once when the connection is made, and OpenSSL's answer (want read)
+        costs it its read buffer and handshake state, about 40 KB a connection, kept until a
+        byte arrives: what a stranger's connections that never send one would hold. The
+        handshake deadline counts from the connection all the same.
+        """
+        if self._server_side and not self._incoming.pending:
+            return
+        super()._do_handshake()
 
 
 async def _start_tls(
