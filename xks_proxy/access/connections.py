@@ -137,17 +137,20 @@ class Guards:
             guard._expire()
         self._sweeping = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep) if self._by_handler else None
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """The headers are complete: no header deadline while the handler runs; idle again after it."""
-        guard = self._by_handler.get(request.protocol)
-        if guard is None:  # an app served without a guard (tests' TestServer)
-            return await handler(request)
-        guard.busy()
-        try:
-            return await handler(request)
-        finally:
-            guard.done()
+    def guarding(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """`handler` as the listener's request handler: no header deadline while it runs; idle again after it."""
+
+        async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+            guard = self._by_handler.get(request.protocol)
+            if guard is None:  # a connection that did not come through a guarded site
+                return await handler(request)
+            guard.busy()
+            try:
+                return await handler(request)
+            finally:
+                guard.done()
+
+        return guarded
 
 
 class Guard(asyncio.Protocol):

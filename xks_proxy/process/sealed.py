@@ -22,7 +22,7 @@ import asyncio
 import logging
 import signal
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -51,7 +51,8 @@ def health_body(config: Config) -> dict[str, object]:
     }
 
 
-def app(config: Config) -> web.Application:
+def app(config: Config, wrap: Callable[[Any], Any] = lambda handler: handler) -> web.Application:
+    """What a sealed proxy answers; `wrap` puts the listener's connection guard around the handler."""
     prefixes = {store.prefix for store in config.stores}
     health = orjson.dumps(health_body(config))
 
@@ -73,7 +74,7 @@ def app(config: Config) -> web.Application:
         return error_response(exc)
 
     application = web.Application(client_max_size=config.limits.max_body_bytes)
-    application.router.add_route("*", "/{tail:.*}", handle)
+    application.router.add_route("*", "/{tail:.*}", wrap(handle))
     return application
 
 
@@ -90,8 +91,7 @@ async def serve_sealed(config: Config, sock: socket.socket, plain_http: bool, re
     except TlsError as exc:
         raise ConfigError(str(exc)) from None
     guards = Guards(config.server)
-    application = app(config)
-    application.middlewares.append(guards.middleware)
+    application = app(config, guards.guarding)
     runner = web.AppRunner(
         application, access_log=None, shutdown_timeout=2, logger=redact_aiohttp_logs(),
         keepalive_timeout=config.server.idle_timeout_seconds, lingering_time=2.0,

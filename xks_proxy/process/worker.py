@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine
 
 from aiohttp import web
 
@@ -60,8 +60,9 @@ class Running:
     reloader: Reloader
     metrics_port: int | None = None
     guards: Guards | None = None  # open connections of the XKS listener
-    _runners: list[web.AppRunner] = field(default_factory=list)
+    _runners: list[web.BaseRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # the server, then the admin listener
     _audit: AuditLog | None = None
 
     async def close(self) -> None:
@@ -71,6 +72,8 @@ class Running:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for runner in reversed(self._runners):
             await runner.cleanup()
+        for close in reversed(self._closers):  # the admin listener first, the key manager last
+            await close()
         if self._audit is not None:
             self._audit.close()
 
@@ -112,21 +115,24 @@ async def start(
     if server.fleet is not None:
         server.fleet.apply = reloader.adopt  # the fleet's shared stores reach TLS client names too
     running = Running(server=server, port=port, tls=tls, reloader=reloader, _audit=audit_log)
-    app = server.app()
-    if config.admin.enabled and (shared is None or shared.first):
-        from xks_proxy.admin import api as admin_api
-
-        admin_api.attach(app, config, key_manager)
     if shared is not None:
         await reloader.check()  # an edit made since the supervisor read config.toml holds before the first request
     try:
+        await server.start()
+        running._closers.append(server.close)
+        if config.admin.enabled and (shared is None or shared.first):
+            from xks_proxy.admin.api import AdminListener
+
+            admin = AdminListener(config, key_manager)
+            await admin.start()
+            running._closers.append(admin.close)
         guards = Guards(config.server)
-        app.middlewares.append(guards.middleware)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=10, logger=redact_aiohttp_logs(),
+        listener = server.low_level(
+            guards.guarding, access_log=None, logger=redact_aiohttp_logs(),
             keepalive_timeout=config.server.idle_timeout_seconds,  # the guard's idle deadline enforces the same
             lingering_time=2.0,  # after an answer sent before the body was read (413, 408): not aiohttp's 10 s
         )  # fmt: skip
+        runner = web.ServerRunner(listener, shutdown_timeout=10)
         await runner.setup()
         running._runners.append(runner)
         site = TlsSite(runner, tls, guards, host, port, sock) if tls else GuardedSite(runner, guards, host, port, sock)
