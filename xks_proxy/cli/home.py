@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,16 @@ def _fill_home(home: Path, prefix: str, region: str, port: int, seal: "NewSeal |
 def write_config(home: Path, config: dict[str, Any]) -> None:
     """Atomically replace config.toml (write, fsync, rename): a crash leaves old or new, never half."""
     path = home / CONFIG_FILE
-    tmp = path.with_suffix(".toml.tmp")
     header = "# xks-proxy configuration. Secrets are sealed under the home's master key; see README.md.\n"
-    with open(tmp, "w") as handle:
-        handle.write(header + tomli_w.dumps(config))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    # A name of its own (mkstemp: 0600 from the start): two writers at once (two rotations, a
+    # rotation and `credentials add`) must not rename each other's half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=CONFIG_FILE + ".", suffix=".tmp", dir=home)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(header + tomli_w.dumps(config))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
