@@ -116,9 +116,8 @@ class XksServer:
         """The listener's server: aiohttp's low-level `web.Server` calling `wrap(handle)` directly.
 
         Every path is ours (`handle` routes), so the application's router and middleware chain
-        only cost time: about 30 us a request on this project's machine (bench/run.py's
-        baseline app, the same app on web.Server: 111 vs 77 us of CPU a request). `settings`
-        go to aiohttp's request handler (keep-alive, lingering, logger).
+        only cost time (the numbers are in README's Performance section). `settings` go to
+        aiohttp's request handler (keep-alive, lingering, logger).
         """
         cap, loop = self.config.limits.max_body_bytes, asyncio.get_running_loop()
 

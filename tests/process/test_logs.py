@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 import signal
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
 from tests.support.proxy import edit_config, eventually
-from tests.support.sealed_proxy import SealedHome, client, init, kill, round_trip, start
+from tests.conftest import Client
+from tests.support.sealed_proxy import SealedHome, Served, client, init, kill, round_trip, start
 
 MS_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -43,16 +45,23 @@ def home(tmp_path: Path) -> SealedHome:
     return made
 
 
-async def test_serve_writes_json_lines_with_the_access_record_and_a_stop_line(home: SealedHome, tmp_path: Path) -> None:
-    served = start(home.path, tmp_path / "serve.log", workers=2, http=True)
+@asynccontextmanager
+async def serving(home: SealedHome, log: Path, workers: int, *extra: str) -> AsyncIterator[tuple[Served, Client]]:
+    """`serve` answering a round trip; stopped cleanly (exit 0) at the end, killed if the test failed first."""
+    served = start(home.path, log, workers=workers, http=True, extra=extra)
     try:
         async with client(home, served, http=True) as c:
             await eventually(lambda: round_trip(c), deadline=15, what="the workers serve")
-            for _ in range(5):
-                assert await round_trip(c)
+            yield served, c
         assert served.stop() == 0
     finally:
         kill(served.proc)
+
+
+async def test_serve_writes_json_lines_with_the_access_record_and_a_stop_line(home: SealedHome, tmp_path: Path) -> None:
+    async with serving(home, tmp_path / "serve.log", 2) as (served, c):
+        for _ in range(5):
+            assert await round_trip(c)
     records = json_lines(served.text)
     assert messages(records, "serving http://127.0.0.1:")[0]["level"] == "INFO"
     access = [r for r in records if r.get("event") == "xks.request"]
@@ -65,13 +74,8 @@ async def test_serve_writes_json_lines_with_the_access_record_and_a_stop_line(ho
 
 
 async def test_text_format_is_for_a_person(home: SealedHome, tmp_path: Path) -> None:
-    served = start(home.path, tmp_path / "serve.log", workers=1, http=True, extra=("--log-format", "text"))
-    try:
-        async with client(home, served, http=True) as c:
-            await eventually(lambda: round_trip(c), deadline=15, what="the worker serves")
-        assert served.stop() == 0
-    finally:
-        kill(served.proc)
+    async with serving(home, tmp_path / "serve.log", 1, "--log-format", "text") as (served, _):
+        pass
     lines = served.text.splitlines()
     assert lines and not [line for line in lines if line.startswith("{")], lines
     for line in lines:
@@ -81,22 +85,16 @@ async def test_text_format_is_for_a_person(home: SealedHome, tmp_path: Path) -> 
 
 
 async def test_a_reload_is_logged_once_per_proxy_not_per_worker(home: SealedHome, tmp_path: Path) -> None:
-    served = start(home.path, tmp_path / "serve.log", workers=3, http=True)
-    try:
-        async with client(home, served, http=True) as c:
-            await eventually(lambda: round_trip(c), deadline=15, what="the workers serve")
-            for n in range(3):
-                edit_config(home.path, lambda raw: raw["stores"][0].update(regions=["us-east-1", f"eu-west-{n + 1}"]))
-                served.proc.send_signal(signal.SIGHUP)
+    async with serving(home, tmp_path / "serve.log", 3) as (served, c):
+        for n in range(3):
+            edit_config(home.path, lambda raw: raw["stores"][0].update(regions=["us-east-1", f"eu-west-{n + 1}"]))
+            served.proc.send_signal(signal.SIGHUP)
 
-                async def reloaded() -> bool:
-                    return len(messages(json_lines(served.text), "configuration reloaded")) > n
+            async def reloaded() -> bool:
+                return len(messages(json_lines(served.text), "configuration reloaded")) > n
 
-                await eventually(reloaded, deadline=10, what="the reload is logged")
-            await eventually(lambda: round_trip(c), deadline=5, what="still serving")
-        assert served.stop() == 0
-    finally:
-        kill(served.proc)
+            await eventually(reloaded, deadline=10, what="the reload is logged")
+        await eventually(lambda: round_trip(c), deadline=5, what="still serving")
     assert len(messages(json_lines(served.text), "configuration reloaded")) == 3, "one line per reload, not one per worker"
 
 
@@ -105,15 +103,9 @@ async def test_every_audit_record_names_its_store_by_prefix_with_a_millisecond_t
     assert home.run("keys", "create", "bar").returncode == 0
     assert home.run("credentials", "add", "--store", "test").returncode == 0
     assert home.run("stores", "add", "other", "--region", "us-east-1").returncode == 0
-    served = start(home.path, tmp_path / "serve.log", workers=1, http=True)
-    try:
-        async with client(home, served, http=True) as c:
-            await eventually(lambda: round_trip(c, "bar"), deadline=15, what="the worker serves")
-            for _ in range(3):  # past rotate_after_encryptions: the server rotates bar itself
-                assert await round_trip(c, "bar")
-        assert served.stop() == 0
-    finally:
-        kill(served.proc)
+    async with serving(home, tmp_path / "serve.log", 1) as (_, c):
+        for _ in range(4):  # past rotate_after_encryptions: the server rotates bar itself
+            assert await round_trip(c, "bar")
     records = json_lines((home.path / "audit.log").read_text())
     kinds = {(r["event"], r.get("action")) for r in records}
     assert {("key-lifecycle", "create"), ("access-admin", "credentials-add"), ("access-admin", "stores-add")} <= kinds
