@@ -55,8 +55,9 @@ class Pkcs11Config:
     health_cache_seconds: float = 60.0
     #: "threads": every call on the calling session's worker thread; the event loop only waits, and
     #: operation_timeout_seconds holds however the HSM behaves (the choice for any HSM reached over
-    #: a network or a PCIe driver). "event-loop": called on the event loop itself, with no thread
-    #: hop: for a software token in the process, where the hop costs more than the call; a hung
+    #: a network or a PCIe driver). "event-loop": called on the event loop itself (logins, scans
+    #: and reconnects too: one thread enters the module), with no thread hop: for a software
+    #: token in the process, where the hop costs more than the call; a hung
     #: module then stalls the whole worker and the timeout cannot fire. "auto": "event-loop" for
     #: the modules in IN_PROCESS_MODULES (SoftHSMv2), "threads" for every other.
     call_mode: str = "auto"

@@ -12,9 +12,11 @@ The hop to the thread and back is the costliest part of a request after the HSM 
 SoftHSMv2 a C_Encrypt takes ~100 µs of CPU): so it is one queue put, one plain future and one
 timer, not an executor future wrapped in a shield and a wait_for task. For a software token
 inside the process (SoftHSMv2) even that costs more than the call, so `pkcs11.call_mode`
-"event-loop" (what "auto" picks for SoftHSMv2 only) makes request calls on the event loop, with
-no thread and no timeout; logins, scans and reconnects stay on the control thread. Measured in
-docs/pkcs11.md, "Performance".
+"event-loop" (what "auto" picks for SoftHSMv2 only) makes every call on the event loop, with no
+thread and no timeout: requests, and logins, scans and reconnects too, so the module is only
+ever entered from one thread of the process (a software token's locks, and OpenSSL's that it
+shares with the process's TLS, are then never contended). Measured in docs/pkcs11.md,
+"Performance".
 
 Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds`, so deleted or changed
 keys show within that time, and looked up directly on a miss, so a new key is served on its
@@ -40,7 +42,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -117,6 +119,18 @@ class _Lane:
             del call, done, fn, args
 
 
+class _Inline(Executor):
+    """The control "thread" of call_mode "event-loop": the call runs at once, on the caller's thread."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the awaiting coroutine, as a thread's would be
+            done.set_exception(exc)
+        return done
+
+
 class Pkcs11KeyManager(KeyManager):
     vendor = "PKCS#11 HSM"
 
@@ -125,7 +139,7 @@ class Pkcs11KeyManager(KeyManager):
         self._library: Library | None = None
         self._lanes: list[_Lane] = []  # started with the first pool, one per pooled session
         self._on_loop = config.calls_on_event_loop
-        self._control = ThreadPoolExecutor(1, thread_name_prefix="xks-pkcs11-control")
+        self._control: Executor = _Inline() if self._on_loop else ThreadPoolExecutor(1, thread_name_prefix="xks-pkcs11-control")
         self._idle: list[_Slot] = []
         self._waiters: deque[asyncio.Future[_Slot]] = deque()
         self._busy = 0

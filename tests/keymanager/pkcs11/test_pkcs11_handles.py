@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import textwrap
 from pathlib import Path
 
@@ -118,6 +119,7 @@ async def test_reinitialised_token_drops_every_cached_handle(
         check=True, capture_output=True, env=env, timeout=60,
     )  # fmt: skip
     old = foo_home.materials["foo"]
+    before_threads = set(threading.enumerate())
     async with serving(foo_home) as client:
         for _ in range(4):  # both sessions have the old token's handle cached
             status, before = await client.encrypt("foo", b"before")
@@ -138,6 +140,10 @@ async def test_reinitialised_token_drops_every_cached_handle(
             assert status == 200 and opens_under(new, after, b"after", None)
         status, err = await client.decrypt("foo", before)
         assert_error(status, err, 400, "InvalidCiphertextException")
+        # Where the module was entered from: "event-loop" starts no thread, not even for the
+        # login, scans and the reconnect (one thread enters the module); "threads" starts its own.
+        started = [t.name for t in set(threading.enumerate()) - before_threads if t.name.startswith("xks-pkcs11")]
+        assert bool(started) == (call_mode == "threads"), started
 
 
 def test_call_mode_auto_is_the_event_loop_for_softhsm_only(foo_home: Home, tmp_path: Path) -> None:
