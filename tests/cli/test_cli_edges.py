@@ -1,5 +1,6 @@
 """Rough edges a newcomer hit (issue 15): --version, --home before the command, --workers 0, a
-reader that goes away (`stores export | head`). Each through the real CLI in a subprocess."""
+reader that goes away (`stores export | head`). Each through the real CLI in a subprocess, but for
+config.toml's atomic write, which is called directly to make it fail."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support import ROOT
 
@@ -51,3 +54,18 @@ def test_a_reader_that_goes_away_costs_no_traceback(tmp_path: Path) -> None:
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(60) == 141 and err == "", err
+
+
+def test_a_config_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    """write_config writes a file of its own, then renames it over config.toml: a write that
+    fails (here a value TOML cannot hold) leaves config.toml as it was and nothing beside it."""
+    from xks_proxy.cli.home import write_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    write_config(home, {"server": {"port": 8443}})
+    before = (home / "config.toml").read_bytes()
+    with pytest.raises(TypeError):
+        write_config(home, {"server": {"port": object()}})
+    assert (home / "config.toml").read_bytes() == before
+    assert sorted(p.name for p in home.iterdir()) == ["config.toml"]

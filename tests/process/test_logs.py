@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import logging
 import signal
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -20,6 +22,7 @@ import pytest
 from tests.support.proxy import edit_config, eventually
 from tests.conftest import Client
 from tests.support.sealed_proxy import SealedHome, Served, client, init, kill, round_trip, start
+from xks_proxy.process.logsink import JsonFormatter
 
 MS_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -113,3 +116,20 @@ async def test_every_audit_record_names_its_store_by_prefix_with_a_millisecond_t
     assert ("xks.request", None) in kinds
     stores = {r["store"] for r in records if "store" in r}
     assert stores == {"test", "other"}, stores
+
+
+def test_a_logged_exception_stays_one_json_line_with_its_traceback() -> None:
+    """log.exception in a serving process: the traceback goes in the record's `exception`
+    field, so a shipper still reads one object per line."""
+    try:
+        {}["missing"]
+    except KeyError:
+        record = logging.getLogger("xks_proxy").makeRecord(
+            "xks_proxy", logging.ERROR, __file__, 1, "reload check failed; %s", ("serving the current configuration",),
+            exc_info=sys.exc_info(),
+        )  # fmt: skip
+    line = JsonFormatter().format(record)
+    (parsed,) = json_lines(line)
+    assert parsed["level"] == "ERROR" and parsed["message"] == "reload check failed; serving the current configuration"
+    assert parsed["exception"].startswith("Traceback (most recent call last):")
+    assert parsed["exception"].rstrip().endswith("KeyError: 'missing'")
