@@ -269,6 +269,15 @@ def pkcs11_home(path: Path, hsm: SoftHsm, prefix: str = "test", module: str | No
     return Home(path=path, prefix=prefix, access_key_id=akid, secret=secret, backend="pkcs11", hsm=hsm)
 
 
+def pkcs11_home_with_foo(path: Path, hsm: SoftHsm, module: str | None = None) -> Home:
+    """A pkcs11 home whose token holds key "foo", of material the test knows (home.materials);
+    `module`: the PKCS#11 module in front of the token, if not SoftHSM's own (a test's shim)."""
+    home = pkcs11_home(path, hsm, module=module)
+    home.materials["foo"] = os.urandom(32)
+    hsm.import_key("foo", home.materials["foo"], module=module)
+    return home
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -293,11 +302,7 @@ def home(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Home:
     """A home with key "foo" in store "test", on each backend."""
     path = tmp_path / "home"
     if backend == "pkcs11":
-        h = pkcs11_home(path, request.getfixturevalue("softhsm"))
-        h.materials["foo"] = os.urandom(32)
-        assert h.hsm is not None
-        h.hsm.import_key("foo", h.materials["foo"])
-        return h
+        return pkcs11_home_with_foo(path, request.getfixturevalue("softhsm"))
     akid, secret = init_home(path, "test", REGION, 0)
     h = Home(path=path, prefix="test", access_key_id=akid, secret=secret)
     h.create_key("foo")

@@ -20,7 +20,7 @@ import tomllib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import ClientSession
@@ -31,7 +31,7 @@ from pkcs11 import exceptions as p11
 
 from keymanager import create_key_manager
 from tests.support import ROOT
-from tests.conftest import Client, Home, SoftHsm, b64, metadata, need, pkcs11_home, set_pkcs11, unb64
+from tests.conftest import Client, Home, SoftHsm, b64, metadata, need, pkcs11_home, pkcs11_home_with_foo, set_pkcs11, unb64
 from xks_proxy import config as configmod
 from xks_proxy.server import XksServer
 
@@ -76,6 +76,15 @@ async def poll(check: Any, deadline: float = 15.0) -> Any:
         await asyncio.sleep(0.05)
 
 
+async def until_served(call: Callable[[], Awaitable[tuple[int, Any]]]) -> None:
+    """Poll until `call()` (an encrypt or decrypt after an outage) answers 200: the proxy is back."""
+
+    async def served() -> bool:
+        return (await call())[0] == 200
+
+    await poll(served)
+
+
 def assert_error(status: int, body: dict, expected_status: int, name: str) -> None:
     assert (status, body.get("errorName")) == (expected_status, name), body
     assert set(body) <= {"errorName", "errorMessage"}
@@ -84,10 +93,7 @@ def assert_error(status: int, body: dict, expected_status: int, name: str) -> No
 @pytest.fixture
 def hsm_home(tmp_path: Path, softhsm: SoftHsm) -> Home:
     """A pkcs11 home (made by import-config) with key foo of known material."""
-    home = pkcs11_home(tmp_path / "home", softhsm)
-    home.materials["foo"] = os.urandom(32)
-    softhsm.import_key("foo", home.materials["foo"])
-    return home
+    return pkcs11_home_with_foo(tmp_path / "home", softhsm)
 
 
 # --- the shim ------------------------------------------------------------------------------------------
@@ -145,10 +151,7 @@ def shim(shim_module: str, softhsm: SoftHsm, tmp_path: Path, monkeypatch: pytest
 @pytest.fixture
 def shim_home(tmp_path: Path, softhsm: SoftHsm, shim: Shim) -> Home:
     """A pkcs11 home whose module is the shim in front of this test's SoftHSM token."""
-    home = pkcs11_home(tmp_path / "home", softhsm, module=shim.module)
-    home.materials["foo"] = os.urandom(32)
-    softhsm.import_key("foo", home.materials["foo"], module=shim.module)
-    return home
+    return pkcs11_home_with_foo(tmp_path / "home", softhsm, module=shim.module)
 
 
 # --- keys ------------------------------------------------------------------------------------------------
@@ -382,11 +385,7 @@ async def test_library_errors_mid_traffic_then_recovery(
 
         shim.heal()
 
-        async def serving_again() -> bool:
-            status, _ = await client.encrypt("foo", b"x")
-            return status == 200
-
-        await poll(serving_again)
+        await until_served(lambda: client.encrypt("foo", b"x"))
         status, dec = await client.decrypt("foo", before, aad=b"a")
         assert unb64(dec["plaintext"]) == b"kept"
         assert await health(client) == "ACTIVE"
@@ -427,11 +426,7 @@ async def test_token_store_taken_away_then_restored(hsm_home: Home, softhsm: Sof
 
         away.rename(softhsm.tokens)
 
-        async def serving_again() -> bool:
-            status, _ = await client.decrypt("foo", before)
-            return status == 200
-
-        await poll(serving_again)
+        await until_served(lambda: client.decrypt("foo", before))
         assert await health(client) == "ACTIVE"
 
 
@@ -447,11 +442,7 @@ async def test_hsm_missing_at_start_then_arrives(hsm_home: Home, softhsm: SoftHs
         assert_error(status, err, 500, "InternalException")
         away.rename(softhsm.tokens)
 
-        async def serving_again() -> bool:
-            status, _ = await client.encrypt("foo", b"x")
-            return status == 200
-
-        await poll(serving_again)
+        await until_served(lambda: client.encrypt("foo", b"x"))
 
 
 async def test_slow_hsm_is_503_and_degraded(shim_home: Home, shim: Shim) -> None:

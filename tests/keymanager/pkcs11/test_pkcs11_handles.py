@@ -13,16 +13,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keymanager.pkcs11.config import Pkcs11Config
-from tests.conftest import Home, SoftHsm, set_pkcs11, unb64
-from tests.keymanager.pkcs11.test_pkcs11 import assert_error, independent_aad, poll, serving
+from tests.conftest import Home, SoftHsm, pkcs11_home_with_foo, set_pkcs11, unb64
+from tests.keymanager.pkcs11.test_pkcs11 import assert_error, independent_aad, serving, until_served
 from xks_proxy import config as configmod
 
 
@@ -37,12 +37,7 @@ def opens_under(material: bytes, enc: dict, plaintext: bytes, aad: bytes | None)
 
 @pytest.fixture
 def foo_home(tmp_path: Path, softhsm: SoftHsm) -> Home:
-    from tests.conftest import pkcs11_home
-
-    home = pkcs11_home(tmp_path / "home", softhsm)
-    home.materials["foo"] = os.urandom(32)
-    softhsm.import_key("foo", home.materials["foo"])
-    return home
+    return pkcs11_home_with_foo(tmp_path / "home", softhsm)
 
 
 @pytest.mark.parametrize("call_mode", ["event-loop", "threads"])
@@ -130,11 +125,7 @@ async def test_reinitialised_token_drops_every_cached_handle(
         assert_error(status, err, 500, "InternalException")
         fresh.rename(softhsm.tokens)
 
-        async def serving_again() -> bool:
-            status, _ = await client.encrypt("foo", b"x")
-            return status == 200
-
-        await poll(serving_again)
+        await until_served(lambda: client.encrypt("foo", b"x"))
         for _ in range(4):  # every session: none kept a handle (or key) of the old token
             status, after = await client.encrypt("foo", b"after")
             assert status == 200 and opens_under(new, after, b"after", None)
