@@ -1,6 +1,6 @@
 """The benchmark: the proxy as users run it, driven from outside, against a baseline in the same run.
 
-    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile]
+    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile,handler]
                                   [--duration 5] [--rounds 3] [--scaling-duration 4] [--backends vault,pkcs11]
 
 Parts (each in its own module):
@@ -13,6 +13,7 @@ Parts (each in its own module):
   memory    bench/memory.py      a TLS worker's RSS with 1,000 idle TLS connections (bench/tlsidle.py)
   localkms  bench/kmschain.py    Encrypt through `xks-proxy local-kms` and the proxy; added latency
   profile   bench/profile.py     py-spy on the worker under the headline load, shares by category
+  handler   bench/handler.py     our code alone (XksServer.handle in-process, no HTTP), CPU per request
 
 Every server is started fresh on a fresh home (`init --seal file`: default logging, audit on).
 Writes bench/results/result.json and table.md. Numbers only: nothing here asserts anything.
@@ -36,7 +37,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import kmschain, memory, openloop, profile, report, throughput  # noqa: E402
+from bench import handler, kmschain, memory, openloop, profile, report, throughput  # noqa: E402
 from bench.context import RESULTS, Context  # noqa: E402
 
 PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -46,6 +47,7 @@ PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "memory": memory.idle_tls,
     "localkms": kmschain.chain,
     "profile": profile.profile,
+    "handler": handler.part,
 }
 
 
