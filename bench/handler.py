@@ -6,9 +6,11 @@ microseconds in our part. Here `XksServer.handle` is called directly on pre-buil
 aiohttp requests (routing, body read, SigV4, JSON, quota and policy, the vault's AES-GCM, the
 response object, the access and audit record with both logs on), so what is printed is our
 part alone: microseconds of CPU per request, the median over the rounds and their spread.
-In bench/run.py (part "handler", each operation in a process pinned to the server's core) it is
-set beside the headline cells of the same run: the rest of the worker's CPU per request is
-aiohttp's HTTP, the event loop and the transport. Alone, it compares two versions of our code.
+The same request runs thousands of times in a row, with warm caches: a lower bound of what the
+code costs inside a serving worker, where it runs between aiohttp's steps (py-spy's profile
+gives its share there). It is for comparing two versions of our code; in bench/run.py (part
+"handler", each operation in a process pinned to the server's core) it is printed beside the
+headline cells of the same run.
 """
 
 from __future__ import annotations
