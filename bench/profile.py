@@ -1,11 +1,15 @@
 """Profile mode: where one worker's time goes under the headline load, by category.
 
-py-spy samples the pinned worker (non-blocking, so the worker is not paused) while wrk drives
-the headline Encrypt; each sampled stack is put in the category of its innermost frame that a
-rule in CATEGORIES names (so base64 inside the encrypt path counts as the encrypt path, and the
-logging module inside the request record counts as the access log); a stack none of them names
-goes to FALLBACK's generic machinery (aiohttp, the event loop), else "other". Threads waiting
-are left out. CATEGORIES is the one place the grouping is defined: keep it current when code moves.
+py-spy samples the pinned worker while wrk drives the headline Encrypt, pausing it for each
+sample: without the pause (`--nonblocking`) a stack is read while the worker runs, and its
+frames can come from different instants (stacks such as XksServer._log under aiohttp's
+_prepare_headers, which never calls it), which misplaces whole categories. The pauses slow the
+worker by about a fifth; the shares are of samples, so they stand. Each sampled stack is put
+in the category of its innermost frame that a rule in CATEGORIES names (so base64 inside the
+encrypt path counts as the encrypt path, and the logging module inside the request record
+counts as the access log); a stack none of them names goes to FALLBACK's generic machinery
+(aiohttp, the event loop), else "other". Threads waiting are left out. CATEGORIES is the one
+place the grouping is defined: keep it current when code moves.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def profile(ctx: Context) -> dict[str, Any]:
         (worker,) = server.workers()
         out["encrypt_without_profiler"] = ctx.wrk(server, signed(server, home, "encrypt")(), ctx.args.duration)
         collapsed = ctx.workdir / "profile.txt"
-        cmd = procs.pinned([pyspy, "record", "--pid", str(worker), "--nonblocking", "--nolineno", "--rate", "250", "--format", "raw",
+        cmd = procs.pinned([pyspy, "record", "--pid", str(worker), "--nolineno", "--rate", "250", "--format", "raw",
                             "--duration", str(seconds - 2), "--output", str(collapsed)], LOADGEN_CORE)  # fmt: skip
         spy: dict[str, Any] = {}
         thread = threading.Thread(target=lambda: spy.update(run=subprocess.run(cmd, capture_output=True, text=True)))

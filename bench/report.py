@@ -96,7 +96,7 @@ def profile(p: dict[str, Any]) -> list[str]:
     if "percent" not in p:
         return ["### Profile", "", p.get("error", "no profile")]
     under, without = p["encrypt_under_profiler"]["rps"], p["encrypt_without_profiler"]["rps"]
-    lines = ["### Profile: one worker under the headline Encrypt load (py-spy, non-blocking, 250 Hz)", "",
+    lines = ["### Profile: one worker under the headline Encrypt load (py-spy, pausing the worker per sample, 250 Hz)", "",
              f"{p['samples']} samples; throughput {without:.0f} req/s without the profiler, {under:.0f} with it.", "",
              "| category | share of the worker's samples |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v:.1f}% |" for k, v in p["percent"].items()]
