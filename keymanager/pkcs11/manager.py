@@ -1,6 +1,7 @@
 """The PKCS#11 key manager: XKS keys are AES keys inside an HSM, named by their CKA_LABEL.
 
-Threads and sessions. PKCS#11 calls block, so by default they never run on the event loop: each
+Threads and sessions. PKCS#11 calls block, so for an HSM (call_mode "threads", what "auto" picks
+for every module but SoftHSMv2) they never run on the event loop: each
 request takes one logged-in session from a bounded pool (none free within `session_wait_seconds`
 → ThrottlingException) and runs on that session's own worker thread (one thread per pooled
 session, fed by a queue: a session is checked out to one request at a time, so no call ever
