@@ -1,9 +1,9 @@
 """The PKCS#11 key manager: XKS keys are AES keys inside an HSM, named by their CKA_LABEL.
 
-Threads and sessions. PKCS#11 calls block, so for an HSM (call_mode "threads", what "auto" picks
-for every module but SoftHSMv2) they never run on the event loop: each
-request takes one logged-in session from a bounded pool (none free within `session_wait_seconds`
-→ ThrottlingException) and runs on that session's own worker thread (one thread per pooled
+Threads and sessions. PKCS#11 calls block, so for an HSM (call_mode "threads", what "auto"
+picks for every module but SoftHSMv2) they never run on the event loop: each request takes one
+logged-in session from a bounded pool (none free within `session_wait_seconds` →
+ThrottlingException) and runs on that session's own worker thread (one thread per pooled
 session, fed by a queue: a session is checked out to one request at a time, so no call ever
 queues behind another). The request waits at most `operation_timeout_seconds` for the HSM
 (→ DependencyTimeoutException); a late call keeps its session until it returns. One more
@@ -15,9 +15,8 @@ timer, not an executor future wrapped in a shield and a wait_for task. For a sof
 inside the process (SoftHSMv2) even that costs more than the call, so `pkcs11.call_mode`
 "event-loop" (what "auto" picks for SoftHSMv2 only) makes every call on the event loop, with no
 thread and no timeout: requests, and logins, scans and reconnects too, so the module is only
-ever entered from one thread of the process (a software token's locks, and OpenSSL's that it
-shares with the process's TLS, are then never contended). Measured in docs/pkcs11.md,
-"Performance".
+ever entered from one thread of the process (a wait between two threads inside it would stall
+the worker with no timeout to end it). Measured in docs/pkcs11.md, "Performance".
 
 Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds`, so deleted or changed
 keys show within that time, and looked up directly on a miss, so a new key is served on its

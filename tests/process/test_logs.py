@@ -9,8 +9,8 @@ auto-rotation) names a store by its prefix and has a millisecond time.
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import signal
 import sys
 from contextlib import asynccontextmanager
