@@ -39,10 +39,10 @@ CATEGORIES: list[tuple[str, str, str]] = [
     ("background (vault refresh, config reload)", r"keymanager/vault/manager\.py", r"(^|\.)(_watch|_refresh|_open_sync)$"),
     ("background (vault refresh, config reload)", r"xks_proxy/process/reload\.py", r""),
     ("encrypt path (key lookup, usage, AES-GCM, base64)", r"keymanager/", r""),
-    ("encrypt path (key lookup, usage, AES-GCM, base64)", r"xks_proxy/server\.py", r"(^|\.)_(encrypt|decrypt|metadata|timed)$"),
+    ("encrypt path (key lookup, usage, AES-GCM, base64)", r"xks_proxy/server\.py", r"(^|\.)_(encrypt|decrypt|metadata|timed|observed)$"),
     ("JSON (parse, validate, dump)", r"xks_proxy/protocol\.py|(^|/)json/", r""),
     ("admission (throttle, policy)", r"xks_proxy/access/(throttle|policy)\.py", r""),
-    ("admission (throttle, policy)", r"xks_proxy/server\.py", r"(^|\.)(_admitted|_authorize|_allowed)(\.|$)"),
+    ("admission (throttle, policy)", r"xks_proxy/server\.py", r"(^|\.)(_admit|_authorize|_allowed)(\.|$)"),
     ("routing, body read, handler", r"xks_proxy/server\.py", r""),
     # aiohttp parses the request inside the guard's data_received: parsing, not the guard's cost.
     ("aiohttp request parsing and dispatch", r"aiohttp/web_protocol\.py", r"(^|\.)data_received$"),

