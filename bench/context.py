@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bench import presign, procs, wrk
-from bench.homes import Credential, Home, serve_baseline
+from bench.homes import ROOT, Credential, Home, serve_baseline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The issue's placement on a 2-core machine: the server on core 0, the generator on core 1.
@@ -60,6 +61,19 @@ class Context:
     def serving(self, home: Home | None, workers: int = 1, cores: str | None = SERVER_CORE, tls: bool = False) -> Iterator[Server]:
         """The proxy on `home` (None: the baseline app), stopped afterwards."""
         server = self._start(home, workers, cores, tls)
+        try:
+            yield server
+        finally:
+            procs.stop(server.proc)
+
+    @contextmanager
+    def serving_floor(self, cred: Credential, cores: str | None = SERVER_CORE) -> Iterator[Server]:
+        """bench/floor.py (the spec's work only), accepting `cred`'s signatures, stopped afterwards."""
+        port = procs.free_port()
+        env = dict(os.environ, XKS_FLOOR_ACCESS_KEY_ID=cred.access_key_id, XKS_FLOOR_SECRET=cred.secret,
+                   XKS_FLOOR_AUDIT=str(self.workdir / "floor-audit.log"))  # fmt: skip
+        cmd = procs.pinned([sys.executable, str(ROOT / "bench" / "floor.py"), "--port", str(port)], cores)
+        server = Server(procs.start(cmd, port, env, self.workdir / "floor.log"), port, supervised=False)
         try:
             yield server
         finally:

@@ -120,6 +120,32 @@ def handler(parts: dict[str, Any]) -> list[str]:
     return lines
 
 
+def floor(f: dict[str, Any]) -> list[str]:
+    """The proxy beside a server doing only the spec's work, both against the baseline."""
+    rounds = len(f["baseline encrypt"]["rounds_rps"])
+    lines = ["### The floor: Encrypt on a server doing only the spec's work (bench/floor.py), one worker on core 0", "",
+             "SigV4, JSON, base64, AES-GCM and one audit line on aiohttp's low-level server; none of the proxy's other "
+             f"features. Medians of {rounds} interleaved rounds. {EXPLAIN}", "", HEAD]  # fmt: skip
+    labels = {"baseline": "baseline (minimal aiohttp)", "vault": "the proxy (vault)", "floor": "the floor"}
+    for name, r in f.items():
+        lines.append(_row(f"{labels[name.split()[0]]}, Encrypt", r))
+    return lines
+
+
+def instructions(i: dict[str, Any]) -> list[str]:
+    """Callgrind's instruction counts: noise-free, for comparing versions of our code."""
+    if "error" in i:
+        return ["### Instructions per request (bench/instructions.py)", "", i["error"]]
+    lines = ["### Instructions per request under callgrind, whole process, one worker (bench/instructions.py)", "",
+             f"{i['warm_requests']} requests to warm, then {i['counted_requests']} counted over {i['connections']} keep-alive "
+             "connections. Not a time (SHA-256 runs in software under valgrind): compare versions of our code with it.", "",
+             "| operation | baseline k instructions/req | vault k instructions/req | baseline / vault |", "|---|---|---|---|"]  # fmt: skip
+    for op in ("encrypt", "decrypt", "metadata"):
+        r = i[op]
+        lines.append(f"| {NAMES[op]} | {r['baseline'] / 1000:.1f} | {r['vault'] / 1000:.1f} | {r['ratio']:.3f} |")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     m, s = results["machine"], results["settings"]
     out = [f"Measured {results['started']} on {m['cpus']} cores ({m['processor']}), Python {m['python']}; "
@@ -131,7 +157,7 @@ def render(results: dict[str, Any]) -> str:
         dirty = ", ".join(c["uncommitted_product_files"])
         out.append(f"Code: {c['commit']}" + (f" plus uncommitted changes to {dirty}." if dirty else "."))
     out.append("")
-    for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile"):
+    for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile", "instructions", "floor"):
         if part in results["parts"]:
             out += globals()[part](results["parts"][part]) + [""]
     if "handler" in results["parts"]:

@@ -1,6 +1,6 @@
 """The benchmark: the proxy as users run it, driven from outside, against a baseline in the same run.
 
-    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile,handler]
+    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile,handler,instructions,floor]
                                   [--duration 5] [--rounds 3] [--scaling-duration 4] [--backends vault,pkcs11]
 
 Parts (each in its own module):
@@ -14,6 +14,10 @@ Parts (each in its own module):
   localkms  bench/kmschain.py    Encrypt through `xks-proxy local-kms` and the proxy; added latency
   profile   bench/profile.py     py-spy on the worker under the headline load, shares by category
   handler   bench/handler.py     our code alone (XksServer.handle in-process, no HTTP), CPU per request
+  instructions bench/instructions.py  callgrind instructions per request, baseline and vault, whole process:
+                                 noise-free, for comparing versions of our code (not a time)
+  floor     bench/floor.py       Encrypt on a server doing only the spec's work (SigV4, JSON, AES-GCM, an
+                                 audit line), beside the baseline and the proxy
 
 Every server is started fresh on a fresh home (`init --seal file`: default logging, audit on).
 Writes bench/results/result.json and table.md. Numbers only: nothing here asserts anything.
@@ -37,7 +41,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import handler, kmschain, memory, openloop, profile, report, throughput  # noqa: E402
+from bench import handler, instructions, kmschain, memory, openloop, profile, report, throughput  # noqa: E402
 from bench.context import RESULTS, Context  # noqa: E402
 
 PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -48,6 +52,8 @@ PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "localkms": kmschain.chain,
     "profile": profile.profile,
     "handler": handler.part,
+    "instructions": instructions.part,
+    "floor": throughput.floor,
 }
 
 

@@ -141,3 +141,19 @@ def workers(ctx: Context, home: Home) -> dict[str, Any]:
                      f"{n} workers, unpinned": Cell(server, signed(server, home, "encrypt"), f"baseline, {n} workers, unpinned", None)}  # fmt: skip
             out.update(interleaved(ctx, cells, ctx.args.scaling_duration, ctx.args.scaling_rounds))
     return out
+
+
+def floor(ctx: Context) -> dict[str, Any]:
+    """Encrypt on the baseline, the proxy and the floor (bench/floor.py: the spec's work only), interleaved."""
+    home = ctx.home("headline")
+    cred = home.stores[0]
+    with ExitStack() as stack:
+        base = stack.enter_context(ctx.serving(None))
+        proxy = stack.enter_context(ctx.serving(home))
+        bare = stack.enter_context(ctx.serving_floor(cred))
+        cells = {
+            "baseline encrypt": Cell(base, signed(base, home, "encrypt")),
+            "vault encrypt": Cell(proxy, signed(proxy, home, "encrypt"), baseline="baseline encrypt"),
+            "floor encrypt": Cell(bare, signed(bare, home, "encrypt"), baseline="baseline encrypt"),
+        }
+        return interleaved(ctx, cells, ctx.args.duration, ctx.args.rounds)

@@ -1,4 +1,4 @@
-"""The XKS request bodies: parsed and validated into typed objects, before any key is touched.
+"""The XKS requests: the API path, and the bodies parsed and validated into typed objects, before any key is touched.
 
 Rules from the protocol notes: requestMetadata is required (also on health) and must not be
 empty; the fields it needs depend on the operation; unknown fields anywhere are ignored;
@@ -9,14 +9,39 @@ over-large inputs into UnsupportedOperationException. Messages name the field, n
 from __future__ import annotations
 
 import binascii
+import re
 from base64 import b64decode
 from binascii import a2b_base64
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import orjson
 
-from xks_proxy.config import Limits
+from xks_proxy.config import KEY_ID_RE, Limits
 from xks_proxy.errors import InvalidCiphertextException, UnsupportedOperationException, ValidationException
+
+API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
+
+
+class ApiTarget(NamedTuple):
+    """What an XKS API path names: the store's prefix, the operation, and the key id (None for health)."""
+
+    prefix: str
+    operation: str
+    key_id: str | None
+    key_id_ok: bool
+
+
+@lru_cache(maxsize=4096)  # a proxy sees few distinct paths (store x key x operation); a flood of others only cycles it
+def api_target(path: str) -> ApiTarget | None:
+    """The parse of an API path (None: not one), the same for every request to it."""
+    match = API_PATH.match(path)
+    if match is None:
+        return None
+    key_id = match["key"]
+    operation = "health" if match["health"] else match["op"]
+    return ApiTarget(match["prefix"] or "", operation, key_id, key_id is None or KEY_ID_RE.match(key_id) is not None)
+
 
 MAX_METADATA_BYTES = 20
 _OPTIONAL_METADATA = ("kmsKeyArn", "kmsViaService", "awsSourceVpc", "awsSourceVpce")

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from base64 import b64encode
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -30,7 +28,7 @@ from keymanager.base import KeyManager
 from keymanager.crypto import cdiv
 from xks_proxy import protocol, sigv4
 from xks_proxy.access import audit
-from xks_proxy.config import KEY_ID_RE, Config, Store
+from xks_proxy.config import Config, Store
 from xks_proxy.errors import (
     AccessDeniedException,
     ClientDisconnected,
@@ -55,7 +53,6 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("xks_proxy.server")
 
-API_PATH = re.compile(r"^(?:/(?P<prefix>.+?))?/kms/xks/v1/(?:(?P<health>health)|keys/(?P<key>[^/]+)/(?P<op>metadata|encrypt|decrypt))$")
 LIVENESS_PATH = "/ping"
 #: While this file exists in the home, GET /ping answers 503: load balancers drain the proxy.
 DRAIN_FILE = "drain"
@@ -73,26 +70,6 @@ class Outcome:
     key_version: int | None = None
     error: str | None = None
     denied_by: str | None = None
-
-
-class ApiTarget(NamedTuple):
-    """What an XKS API path names: the store's prefix, the operation, and the key id (None for health)."""
-
-    prefix: str
-    operation: str
-    key_id: str | None
-    key_id_ok: bool
-
-
-@lru_cache(maxsize=4096)  # a proxy sees few distinct paths (store x key x operation); a flood of others only cycles it
-def _api_target(path: str) -> ApiTarget | None:
-    """The parse of an API path (None: not one), the same for every request to it."""
-    match = API_PATH.match(path)
-    if match is None:
-        return None
-    key_id = match["key"]
-    operation = "health" if match["health"] else match["op"]
-    return ApiTarget(match["prefix"] or "", operation, key_id, key_id is None or KEY_ID_RE.match(key_id) is not None)
 
 
 class StoreTable:
@@ -183,7 +160,7 @@ class XksServer:
         return response
 
     def _route(self, request: web.BaseRequest, path: str, outcome: Outcome) -> tuple[Store, str | None]:
-        target = _api_target(path)
+        target = protocol.api_target(path)
         store = self.stores.by_prefix.get(target.prefix) if target is not None else None
         if target is None or store is None:
             raise InvalidUriPathException("no XKS API at this path")

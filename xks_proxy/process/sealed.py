@@ -33,7 +33,8 @@ from xks_proxy.access.mtls import TlsError, TlsManager
 from xks_proxy.access.tls_transport import TlsSite
 from xks_proxy.config import Config, ConfigError
 from xks_proxy.errors import DependencyTimeoutException, InvalidUriPathException, MethodNotAllowed, XksError
-from xks_proxy.server import API_PATH, LIVENESS_PATH, error_response
+from xks_proxy.protocol import API_PATH
+from xks_proxy.server import LIVENESS_PATH, error_response
 
 log = logging.getLogger("xks_proxy.seal")
 SEALED_MESSAGE = "the key store is sealed; retry"
