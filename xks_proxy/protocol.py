@@ -1,4 +1,5 @@
-"""The XKS requests: the API path, and the bodies parsed and validated into typed objects, before any key is touched.
+"""The XKS requests: the API path, and the bodies parsed and validated into typed objects,
+before any key is touched.
 
 Rules from the protocol notes: requestMetadata is required (also on health) and must not be
 empty; the fields it needs depend on the operation; unknown fields anywhere are ignored;
@@ -32,9 +33,20 @@ class ApiTarget(NamedTuple):
     key_id_ok: bool
 
 
-@lru_cache(maxsize=4096)  # a proxy sees few distinct paths (store x key x operation); a flood of others only cycles it
 def api_target(path: str) -> ApiTarget | None:
-    """The parse of an API path (None: not one), the same for every request to it."""
+    """The parse of an API path (None: not one), the same for every request to it.
+
+    Cached: a proxy sees few distinct paths (store x key x operation). Only paths of up to
+    _CACHED_PATH_CHARS are kept (every real one is shorter), so a flood of long invented paths
+    cannot hold more than 4,096 x 512 characters."""
+    return _api_target(path) if len(path) <= _CACHED_PATH_CHARS else _api_target.__wrapped__(path)
+
+
+_CACHED_PATH_CHARS = 512
+
+
+@lru_cache(maxsize=4096)
+def _api_target(path: str) -> ApiTarget | None:
     match = API_PATH.match(path)
     if match is None:
         return None
@@ -122,7 +134,7 @@ def _b64(doc: dict[str, Any], name: str, required: bool) -> bytes | None:
         return a2b_base64(value, strict_mode=True)  # a third of b64decode(validate=True)'s time on short fields
     except (binascii.Error, ValueError):
         pass
-    try:  # what strict mode refuses, the reference decides (tests/server/test_protocol_base64.py: they agree)
+    try:  # what strict mode refuses, the reference decides (tests/server/test_hot_path_references.py: they agree)
         return b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ValidationException(f"{name} is not valid standard base64") from None

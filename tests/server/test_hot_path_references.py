@@ -6,7 +6,8 @@ valid and invalid input alike:
   `base64.b64decode(validate=True)` for what strict mode refuses;
 - `crypto.bind_aad` builds the AAD with a copied SHA-256 context and a length table instead of
   `hashlib.sha256()` and `struct.pack`;
-- `crypto.checked_iv` compares with a zero IV instead of `any()`.
+- `crypto.checked_iv` compares with a zero IV instead of `any()`;
+- `protocol.api_target` caches the API path's parse (short paths only).
 """
 
 from __future__ import annotations
@@ -100,3 +101,27 @@ def test_checked_iv_refuses_zero_and_wrong_length_and_passes_others_as_bytes(kin
     assert out == bytes(iv) and type(out) is bytes
     fresh = {crypto.new_iv() for _ in range(1000)}
     assert len(fresh) == 1000 and all(len(v) == 12 for v in fresh)
+
+
+def test_api_target_parses_like_the_regex_and_keeps_no_long_path() -> None:
+    """The route's cache gives what the regex says, and a flood of long invented paths cannot grow it."""
+    paths = ["/kms/xks/v1/health", "/a/b/kms/xks/v1/keys/k-1.x_y/encrypt", "/p/kms/xks/v1/keys/k/decrypt",
+             "/p/kms/xks/v1/keys/k/metadata", "/p/kms/xks/v1/keys/bad key/encrypt", "/p/kms/xks/v1/keys/k/sign",
+             "/p/kms/xks/v2/health", "/p/kms/xks/v1/keys/" + "k" * 129 + "/encrypt", ""]  # fmt: skip
+    for path in paths:
+        match = protocol.API_PATH.match(path)
+        target = protocol.api_target(path)
+        assert (target is None) == (match is None), path
+        if match is not None and target is not None:
+            assert target.prefix == (match["prefix"] or "") and target.key_id == match["key"]
+            assert target.operation == ("health" if match["health"] else match["op"])
+            assert target.key_id_ok == (match["key"] is None or _key_id_ok(match["key"]))
+    before = protocol._api_target.cache_info().currsize
+    for i in range(200):
+        long_path = f"/{'x' * 600}{i}/kms/xks/v1/keys/k/encrypt"
+        assert protocol.api_target(long_path) == protocol.api_target(long_path)  # parsed, every time
+    assert protocol._api_target.cache_info().currsize == before
+
+
+def _key_id_ok(key_id: str) -> bool:
+    return 1 <= len(key_id) <= 128 and all(c.isascii() and (c.isalnum() or c in "._-") for c in key_id)
