@@ -132,6 +132,16 @@ def floor(f: dict[str, Any]) -> list[str]:
     return lines
 
 
+def catalog(c: dict[str, Any]) -> list[str]:
+    """The pkcs11 backend's catalog scan on SoftHSMv2, by keys on the token."""
+    if "error" in c:
+        return ["### PKCS#11 catalog scan (bench/catalog.py)", "", c["error"]]
+    lines = ["### PKCS#11 catalog scan on SoftHSMv2, by keys on the token (bench/catalog.py, median of 5, pinned)", "",
+             "| keys | scan ms | fastest ms |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {keys} | {r['scan_ms']} | {r['min_ms']} |" for keys, r in c.items()]
+    return lines
+
+
 def instructions(i: dict[str, Any]) -> list[str]:
     """Callgrind's instruction counts: noise-free, for comparing versions of our code."""
     if "error" in i:
@@ -157,7 +167,7 @@ def render(results: dict[str, Any]) -> str:
         dirty = ", ".join(c["uncommitted_product_files"])
         out.append(f"Code: {c['commit']}" + (f" plus uncommitted changes to {dirty}." if dirty else "."))
     out.append("")
-    for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile", "instructions", "floor"):
+    for part in ("headline", "openloop", "scaling", "memory", "localkms", "profile", "instructions", "floor", "catalog"):
         if part in results["parts"]:
             out += globals()[part](results["parts"][part]) + [""]
     if "handler" in results["parts"]:

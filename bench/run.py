@@ -1,6 +1,6 @@
 """The benchmark: the proxy as users run it, driven from outside, against a baseline in the same run.
 
-    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile,handler,instructions,floor]
+    .venv/bin/python bench/run.py [--only headline,openloop,scaling,memory,localkms,profile,handler,instructions,floor,catalog]
                                   [--duration 5] [--rounds 3] [--scaling-duration 4] [--backends vault,pkcs11]
 
 Parts (each in its own module):
@@ -18,6 +18,7 @@ Parts (each in its own module):
                                  noise-free, for comparing versions of our code (not a time)
   floor     bench/floor.py       Encrypt on a server doing only the spec's work (SigV4, JSON, AES-GCM, an
                                  audit line), beside the baseline and the proxy
+  catalog   bench/catalog.py     a SoftHSMv2 key catalog scan (the pkcs11 backend's rescan) at 10-1,000 keys
 
 Every server is started fresh on a fresh home (`init --seal file`: default logging, audit on).
 Writes bench/results/result.json and table.md. Numbers only: nothing here asserts anything.
@@ -41,7 +42,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import handler, instructions, kmschain, memory, openloop, profile, report, throughput  # noqa: E402
+from bench import catalog, handler, instructions, kmschain, memory, openloop, profile, report, throughput  # noqa: E402
 from bench.context import RESULTS, Context  # noqa: E402
 
 PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -54,6 +55,7 @@ PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "handler": handler.part,
     "instructions": instructions.part,
     "floor": throughput.floor,
+    "catalog": catalog.part,
 }
 
 

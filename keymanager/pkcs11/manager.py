@@ -18,9 +18,10 @@ thread and no timeout: requests, and logins, scans and reconnects too, so the mo
 ever entered from one thread of the process (a wait between two threads inside it would stall
 the worker with no timeout to end it). Measured in docs/pkcs11.md, "Performance".
 
-Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds`, so deleted or changed
-keys show within that time, and looked up directly on a miss, so a new key is served on its
-first request. Each pooled session caches the python-pkcs11 objects it has found, so a request
+Keys. A catalog (label → TokenKey) is rescanned every `refresh_seconds` (or 50 times the last
+scan's duration, if longer: a large token is scanned less often rather than taking a fifth of a
+core), so changed keys show within that time, and looked up directly on a miss, so a new key is
+served on its first request. Each pooled session caches the python-pkcs11 objects it has found, so a request
 costs no C_FindObjects; a handle that went stale is looked up once more.
 
 Failures. Device-class errors (CKR_DEVICE_ERROR, CKR_SESSION_HANDLE_INVALID, token removed, ...)
@@ -74,6 +75,10 @@ log = logging.getLogger("xks_proxy.pkcs11")
 T = TypeVar("T")
 _HEALTH_PROBE = b"xks-proxy health probe"
 _FAILURE_WINDOW_SECONDS = 60.0
+#: Catalog scans take at most 1/SCAN_SHARE_INVERSE of the time (2%): the pause after one is at least this many times it.
+SCAN_SHARE_INVERSE = 50
+#: An event-loop scan longer than this is said once (about 90 keys on SoftHSMv2 here).
+SLOW_INLINE_SCAN_SECONDS = 0.02
 
 
 @dataclass(slots=True)
@@ -151,6 +156,7 @@ class Pkcs11KeyManager(KeyManager):
         self._recovery: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._scanning = False
+        self._slow_scan_said = False
         self._closed = False  # close() saw every session closed, with no call left in the library
         self._failures: deque[float] = deque(maxlen=256)
         self._health: tuple[float, HealthState] | None = None  # (valid until, state) when slow
@@ -378,18 +384,27 @@ class Pkcs11KeyManager(KeyManager):
             delay = min(delay * 2, 1.0)
 
     async def _refresh_loop(self) -> None:
-        """Rescan the catalog every refresh_seconds on the control session; notice a lost token."""
+        """Rescan the catalog on the control session; notice a lost token.
+
+        Every refresh_seconds, or SCAN_SHARE_INVERSE times the last scan's duration if that is
+        longer: a scan costs about 0.23 ms per key on SoftHSMv2 (docs/pkcs11.md), so a large
+        token is rescanned less often instead of taking a fifth of a core. In event-loop mode a
+        scan also stalls the worker while it runs: past SLOW_INLINE_SCAN_SECONDS that is said once.
+        """
         loop = asyncio.get_running_loop()
+        pause = self._cfg.refresh_seconds
         while True:
-            await asyncio.sleep(self._cfg.refresh_seconds)
+            await asyncio.sleep(pause)
             if not self._up or self._scanning:
                 continue
             generation, session = self._generation, self._control_session
             self._scanning = True
+            started = time.monotonic()
             future = loop.run_in_executor(self._control, _scan_checked, session)
             future.add_done_callback(lambda _: setattr(self, "_scanning", False))
             try:
                 catalog = await asyncio.wait_for(asyncio.shield(future), max(1.0, 5 * self._cfg.operation_timeout_seconds))
+                pause = self._next_refresh(time.monotonic() - started, len(catalog))
             except TimeoutError:
                 log.warning("the key catalog refresh is slow; keeping the previous catalog")
                 continue
@@ -404,6 +419,16 @@ class Pkcs11KeyManager(KeyManager):
                 continue
             if self._up and generation == self._generation:
                 self._catalog = catalog
+
+    def _next_refresh(self, seconds: float, keys: int) -> float:
+        """The pause before the next scan, after one that took `seconds` (warning once if it stalled the loop)."""
+        if self._on_loop and seconds > SLOW_INLINE_SCAN_SECONDS and not self._slow_scan_said:
+            self._slow_scan_said = True
+            log.warning(
+                "the key catalog scan (%d keys) took %.0f ms on the event loop, where requests wait meanwhile; "
+                "with this many keys set pkcs11.call_mode = \"threads\" (docs/pkcs11.md)", keys, seconds * 1000,
+            )  # fmt: skip
+        return max(self._cfg.refresh_seconds, SCAN_SHARE_INVERSE * seconds)
 
     # --- keys (worker threads) -----------------------------------------------------------------------
 

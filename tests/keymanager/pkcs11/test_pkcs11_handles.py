@@ -10,6 +10,8 @@ independently with `cryptography`, and the old ciphertext no longer decrypts.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -151,3 +153,40 @@ def test_call_mode_auto_is_the_event_loop_for_softhsm_only(foo_home: Home, tmp_p
     set_pkcs11(foo_home.path, call_mode="sometimes")
     with pytest.raises(configmod.ConfigError, match=r"pkcs11\.call_mode: must be one of auto, threads, event-loop"):
         configmod.load(foo_home.path)
+
+
+async def test_a_large_catalog_is_rescanned_less_often_and_a_slow_event_loop_scan_is_said_once(
+    foo_home: Home, softhsm: SoftHsm, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanning a token costs SoftHSMv2 about 0.23 ms per key (docs/pkcs11.md), and in event-loop
+    mode the worker serves nothing meanwhile. With 400 keys and refresh_seconds 0.1, rescanning
+    on schedule would scan about 15 times in 2 s and stall the worker each time; the proxy waits
+    50 times a scan's duration instead, and says once that this many keys want call_mode threads."""
+    from pkcs11 import Attribute, KeyType
+
+    from keymanager.pkcs11 import manager as manager_module
+
+    with softhsm.session() as session:
+        for i in range(400):
+            session.generate_key(KeyType.AES, 256, label=f"bulk{i:03d}", store=True,
+                                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})  # fmt: skip
+    scans: list[float] = []
+    real_scan = manager_module._scan_checked
+
+    def counted(session: object) -> object:  # the real scan, counted
+        scans.append(1.0)
+        return real_scan(session)
+
+    monkeypatch.setattr(manager_module, "_scan_checked", counted)
+    set_pkcs11(foo_home.path, refresh_seconds=0.1, call_mode="event-loop")
+    caplog.set_level(logging.WARNING, logger="xks_proxy.pkcs11")
+    async with serving(foo_home) as client:
+        status, body = await client.encrypt("foo", b"served while the catalog is large")
+        assert status == 200, body
+        await asyncio.sleep(2.0)
+        status, body = await client.encrypt("foo", b"and after")
+        assert status == 200, body
+    said = [r.getMessage() for r in caplog.records if "key catalog scan" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "keys) took" in said[0] and 'call_mode = "threads"' in said[0]
+    assert 1 <= len(scans) <= 4, f"{len(scans)} scans in 2 s"  # on schedule: about 15
