@@ -8,7 +8,7 @@ zeroed (`callgrind_control -z`), 1,000 more go over 8 keep-alive connections, an
 are dumped. What is printed is instructions per request, whole process (aiohttp, the event loop,
 our code, the log threads), and the baseline's count over ours.
 
-It is not a time. Valgrind's CPU runs SHA-256 in software (about 31 instructions per byte,
+It is not a time. Valgrind's CPU runs SHA-256 in software (about 30 instructions per byte,
 measured; the real core has SHA extensions), and a cache miss counts as one instruction, so
 the ratio here is not the throughput ratio (0.54 here beside 0.59 in the headline of the same
 code, README). Use it to compare two versions of our code; the headline says how fast they are.

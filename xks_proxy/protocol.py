@@ -131,7 +131,7 @@ def _b64(doc: dict[str, Any], name: str, required: bool) -> bytes | None:
     if not isinstance(value, str):
         raise ValidationException(f"{name} must be a base64 string")
     try:
-        return a2b_base64(value, strict_mode=True)  # a third of b64decode(validate=True)'s time on short fields
+        return a2b_base64(value, strict_mode=True)  # under half of b64decode(validate=True)'s time on short fields
     except (binascii.Error, ValueError):
         pass
     try:  # what strict mode refuses, the reference decides (tests/server/test_hot_path_references.py: they agree)
