@@ -3,8 +3,9 @@
 The pkcs11 backend rescans the token's keys (`keymanager.pkcs11.token.scan`: C_FindObjects, then
 each key's attributes) every `refresh_seconds`, or 50 times the last scan's duration if longer;
 in `call_mode = "event-loop"` (what "auto" picks for SoftHSMv2) the worker serves nothing while a
-scan runs. This part makes a fresh token, adds AES-256 keys in steps, and times the scan at each
-step (median of 5, in a process pinned to the server's core): the numbers docs/pkcs11.md quotes.
+scan runs. This part makes a fresh token, adds AES-256 keys in steps, and times the scan and its
+C_FindObjects alone at each step (median of 5, in a process pinned to the server's core): the
+numbers docs/pkcs11.md quotes.
 """
 
 from __future__ import annotations
@@ -17,59 +18,51 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from bench import procs
 from bench.context import SERVER_CORE
-from bench.homes import ROOT
+from bench.homes import ROOT, SOFTHSM_LABEL, SOFTHSM_PIN, softhsm_module, softhsm_token
 
 if TYPE_CHECKING:
     from bench.context import Context
 
 STEPS = (10, 100, 300, 1000)
-MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-           "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")  # fmt: skip
+
+
+def _median_ms(call: Callable[[], object]) -> float:
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 1)
 
 
 def measure(module: str) -> dict[str, Any]:
-    """In this process: a fresh token under a temporary SOFTHSM2_CONF, keys added step by step."""
+    """In this process: a fresh token, keys added step by step, the scan (and its C_FindObjects) timed at each."""
     with tempfile.TemporaryDirectory(prefix="xks-catalog-") as tmp:
-        tokens = Path(tmp) / "tokens"
-        tokens.mkdir()
-        conf = Path(tmp) / "softhsm2.conf"
-        conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        os.environ["SOFTHSM2_CONF"] = str(conf)
-        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "catalog", "--so-pin", "so-pin-1234",
-                        "--pin", "pin-1234"], check=True, capture_output=True)  # fmt: skip
+        os.environ.update(softhsm_token(Path(tmp), dict(os.environ)))
         import pkcs11
-        from pkcs11 import Attribute, KeyType
+        from pkcs11 import Attribute, KeyType, ObjectClass
 
         from keymanager.pkcs11.token import scan
 
-        token = pkcs11.lib(module).get_token(token_label="catalog")
         out: dict[str, Any] = {}
-        with token.open(user_pin="pin-1234", rw=True) as session:
-            made = 0
-            for keys in STEPS:
-                while made < keys:
-                    session.generate_key(KeyType.AES, 256, label=f"k{made:05d}", store=True,
-                                         template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})  # fmt: skip
-                    made += 1
-                times = []
-                for _ in range(5):
-                    started = time.perf_counter()
-                    found = scan(session)
-                    times.append(time.perf_counter() - started)
-                assert len(found) == keys
-                out[str(keys)] = {"scan_ms": round(1000 * statistics.median(times), 1), "min_ms": round(1000 * min(times), 1)}
+        with pkcs11.lib(module).get_token(token_label=SOFTHSM_LABEL).open(user_pin=SOFTHSM_PIN, rw=True) as session:
+            for made in range(STEPS[-1]):
+                session.generate_key(KeyType.AES, 256, label=f"k{made:05d}", store=True,
+                                     template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})  # fmt: skip
+                if made + 1 in STEPS:
+                    assert len(scan(session)) == made + 1
+                    find = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+                    out[str(made + 1)] = {"scan_ms": _median_ms(lambda: scan(session)),
+                                          "find_ms": _median_ms(lambda: list(session.get_objects(find)))}  # fmt: skip
         return out
 
 
 def part(ctx: "Context") -> dict[str, Any]:
-    module = next((m for m in MODULES if Path(m).exists()), None)
-    if module is None:
-        return {"error": "SoftHSMv2 is not installed (apt-get install softhsm2)"}
-    cmd = procs.pinned([sys.executable, "-m", "bench.catalog", module], SERVER_CORE)
+    cmd = procs.pinned([sys.executable, "-m", "bench.catalog", softhsm_module()], SERVER_CORE)
     run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(run.stdout.splitlines()[-1])
 

@@ -93,22 +93,37 @@ def serve_baseline(workdir: Path, port: int, workers: int, cores: str | None) ->
     return procs.start(procs.pinned(cmd, cores), port, dict(os.environ), workdir / "baseline.log")
 
 
-def softhsm_home(home: Path, workdir: Path, env: dict[str, str]) -> dict[str, str]:
-    """A fresh SoftHSMv2 token and a pkcs11 home over it, made the way a migrating operator would:
-    the AWS sample proxy's settings.toml, imported with `xks-proxy import-config`."""
-    candidates = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-                  "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")  # fmt: skip
-    module = next((m for m in candidates if Path(m).exists()), None)
+SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                   "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")  # fmt: skip
+SOFTHSM_LABEL, SOFTHSM_PIN = "xks-bench", "bench-pin-1234"
+
+
+def softhsm_module() -> str:
+    """SoftHSMv2's PKCS#11 module; the run stops with the package to install when it is missing."""
+    module = next((m for m in SOFTHSM_MODULES if Path(m).exists()), None)
     if module is None or shutil.which("softhsm2-util") is None:
         raise SystemExit("the pkcs11 benchmark needs SoftHSMv2: apt-get install softhsm2")
+    return module
+
+
+def softhsm_token(workdir: Path, env: dict[str, str]) -> dict[str, str]:
+    """A fresh SoftHSMv2 token (file object store) under `workdir`; `env` with its SOFTHSM2_CONF."""
     tokens = workdir / "tokens"
     tokens.mkdir(parents=True)
     conf = workdir / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
     env = dict(env, SOFTHSM2_CONF=str(conf))
-    pin = "bench-pin-1234"
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "xks-bench", "--so-pin", "bench-so-1234",
-                    "--pin", pin], check=True, capture_output=True, env=env)  # fmt: skip
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", SOFTHSM_LABEL, "--so-pin", "bench-so-1234",
+                    "--pin", SOFTHSM_PIN], check=True, capture_output=True, env=env)  # fmt: skip
+    return env
+
+
+def softhsm_home(home: Path, workdir: Path, env: dict[str, str]) -> dict[str, str]:
+    """A fresh SoftHSMv2 token and a pkcs11 home over it, made the way a migrating operator would:
+    the AWS sample proxy's settings.toml, imported with `xks-proxy import-config`."""
+    module = softhsm_module()
+    env = softhsm_token(workdir, env)
+    pin = SOFTHSM_PIN
     from xks_proxy.cli.home import new_access_key_id, new_secret
 
     settings = workdir / "aws-settings.toml"

@@ -6,8 +6,8 @@ import asyncio
 import base64
 import hashlib
 import json
-import sqlite3
 import struct
+from typing import AsyncIterator
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -384,10 +384,26 @@ async def test_malformed_bodies(client: Client, body: bytes, content_type: str |
     assert "\n" not in text
 
 
-async def test_oversized_body_is_refused_before_reading(client: Client) -> None:
-    body = b'{"plaintext": "' + b"A" * 200_000 + b'"}'
+@pytest.mark.parametrize("size", [40_000, 200_000])  # just over the cap (~38 KB): whole when the handler runs; far over
+async def test_oversized_body_is_refused_before_reading(client: Client, size: int) -> None:
+    body = b'{"plaintext": "' + b"A" * size + b'"}'
     status, text, _ = await client.post_raw(client.uri_path + "/keys/foo/encrypt", body)
     assert (status, json.loads(text)["errorName"]) == (501, "UnsupportedOperationException")
+
+
+async def test_oversized_chunked_body_is_refused(client: Client) -> None:
+    """No Content-Length to refuse by: the cap holds on the body as read (whole or not yet)."""
+    body = b'{"plaintext": "' + b"A" * 60_000 + b'"}'
+    path = client.uri_path + "/keys/foo/encrypt"
+    sent = client.signed_headers(path, body, "application/json")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 8192):
+            yield body[i : i + 8192]
+
+    async with client.session.post(client.base_url + path, data=chunks(), headers=sent, skip_auto_headers=["Content-Type"]) as resp:
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        assert (resp.status, (await resp.json())["errorName"]) == (501, "UnsupportedOperationException")
 
 
 async def test_unknown_prefix_and_paths(client: Client) -> None:

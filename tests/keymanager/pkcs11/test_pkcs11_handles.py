@@ -10,13 +10,14 @@ independently with `cryptography`, and the old ciphertext no longer decrypts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keymanager.pkcs11.config import Pkcs11Config
 from tests.conftest import Home, SoftHsm, pkcs11_home_with_foo, set_pkcs11, unb64
-from tests.keymanager.pkcs11.test_pkcs11 import assert_error, independent_aad, serving, until_served
+from tests.keymanager.pkcs11.test_pkcs11 import assert_error, independent_aad, poll, serving, until_served
 from xks_proxy import config as configmod
 
 
@@ -158,35 +159,44 @@ def test_call_mode_auto_is_the_event_loop_for_softhsm_only(foo_home: Home, tmp_p
 async def test_a_large_catalog_is_rescanned_less_often_and_a_slow_event_loop_scan_is_said_once(
     foo_home: Home, softhsm: SoftHsm, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scanning a token costs SoftHSMv2 about 0.23 ms per key (docs/pkcs11.md), and in event-loop
-    mode the worker serves nothing meanwhile. With 400 keys and refresh_seconds 0.1, rescanning
-    on schedule would scan about 15 times in 2 s and stall the worker each time; the proxy waits
-    50 times a scan's duration instead, and says once that this many keys want call_mode threads."""
+    """Scanning a token costs SoftHSMv2 about 0.2 ms per key (docs/pkcs11.md), and in event-loop
+    mode the worker serves nothing meanwhile. With 100 keys and refresh_seconds 0.1 (its least) the old
+    schedule rescanned every 0.1 s; now each pause is at least 50 times the scan before it,
+    whatever this machine's speed, and a scan over the (here lowered) threshold is said once."""
     from pkcs11 import Attribute, KeyType
 
     from keymanager.pkcs11 import manager as manager_module
 
     with softhsm.session() as session:
-        for i in range(400):
+        for i in range(100):
             session.generate_key(KeyType.AES, 256, label=f"bulk{i:03d}", store=True,
                                  template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})  # fmt: skip
-    scans: list[float] = []
+    scans: list[tuple[float, float]] = []  # (start, end) of each rescan, the real one, timed
     real_scan = manager_module._scan_checked
 
-    def counted(session: object) -> object:  # the real scan, counted
-        scans.append(1.0)
-        return real_scan(session)
+    def timed(session: object) -> object:
+        started = time.monotonic()
+        try:
+            return real_scan(session)
+        finally:
+            scans.append((started, time.monotonic()))
 
-    monkeypatch.setattr(manager_module, "_scan_checked", counted)
+    monkeypatch.setattr(manager_module, "_scan_checked", timed)
+    monkeypatch.setattr(manager_module, "SLOW_INLINE_SCAN_SECONDS", 0.001)  # 100 keys take ~35 ms here
     set_pkcs11(foo_home.path, refresh_seconds=0.1, call_mode="event-loop")
     caplog.set_level(logging.WARNING, logger="xks_proxy.pkcs11")
     async with serving(foo_home) as client:
         status, body = await client.encrypt("foo", b"served while the catalog is large")
         assert status == 200, body
-        await asyncio.sleep(2.0)
+        async def three_rescans() -> bool:
+            return len(scans) >= 3
+
+        await poll(three_rescans, deadline=30.0)
         status, body = await client.encrypt("foo", b"and after")
         assert status == 200, body
+    for (start, end), (next_start, _) in zip(scans, scans[1:]):
+        assert next_start - end >= 0.9 * manager_module.SCAN_SHARE_INVERSE * (end - start), scans
     said = [r.getMessage() for r in caplog.records if "key catalog scan" in r.getMessage()]
     assert len(said) == 1, said
-    assert "keys) took" in said[0] and 'call_mode = "threads"' in said[0]
-    assert 1 <= len(scans) <= 4, f"{len(scans)} scans in 2 s"  # on schedule: about 15
+    keys = re.search(r"\((\d+) keys\) took \d+ ms on the event loop", said[0])
+    assert keys is not None and int(keys[1]) >= 101 and 'call_mode = "threads"' in said[0], said[0]
